@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine (see README "Quick start"):
+#   make demo   -> install, then run the embedded default (CPU demo)
+#   make test   -> install, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint bench
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/midtrain demo --out demo_out
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check midtrain tests benchmarks
+
+bench: install
+	$(PY) benchmarks/loader.py
