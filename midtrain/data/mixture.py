@@ -95,8 +95,13 @@ class Mixture:
             "mode": self.mode,
             "description": self.description,
             "shards": [
-                {"id": r.shard.id, "type": r.shard.type, "path": str(r.shard.path), "tokens": r.shard.tokens,
-                 "weight": r.weight}
+                {
+                    "id": r.shard.id,
+                    "type": r.shard.type,
+                    "path": str(r.shard.path),
+                    "tokens": r.shard.tokens,
+                    "weight": r.weight,
+                }
                 for r in self.rows
             ],
         }

@@ -1,0 +1,280 @@
+"""The mixed token stream: weighted sampling over litdata token shards, with exact resume.
+
+litdata does the streaming: every source is a ``StreamingDataset(TokensLoader)`` that shuffles
+its chunks, splits them across ranks and loader workers, and reads them. This module only
+decides *which source* serves the next sample, and keeps the state needed to continue exactly.
+
+Semantics (each is tested):
+
+* **Weights.** Every sample's source is drawn independently with the resolved weights.
+* **Independent RNG per worker and rank.** The source RNG is seeded with
+  ``(seed, rank, logical worker, mixture generation)``, so workers and ranks draw different
+  source sequences (litdata's ``CombinedStreamingDataset`` seeds every worker identically).
+* **Each source cycles on its own.** When a source runs out, only that source starts its next
+  epoch (a new litdata shuffle); the others keep their position. No source re-serves a sample
+  before it has served all of its samples once (litdata's combined stream instead restarts
+  every source whenever the smallest one ends).
+* **Micro-batches are built inside the worker**, so each batch comes from one logical worker
+  together with a snapshot of that worker's state *after* the batch: per source
+  ``{epoch, consumed}`` and the RNG state. The loader keeps the newest snapshot per worker and
+  which worker serves next; that is the complete resume state, exact with any number of workers
+  and any prefetch depth.
+* **Resume** rotates worker roles so the worker that was due next serves first, restores each
+  source's epoch and fast-forwards it to its position (no data is read twice, none skipped).
+* **Mixture change** (a stage switch or a resume with a new mixture): sources present before and
+  after keep their stream position, new ones start fresh, removed ones are dropped; the source
+  RNG is re-seeded with the next mixture generation.
+* **Topology change** (other world size or worker count) cannot map per-worker positions: each
+  carried source then starts its next epoch, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from litdata import StreamingDataset, TokensLoader
+from litdata.utilities.env import _WorkerEnv
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from midtrain.errors import MidtrainError
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Source:
+    """One sampled shard: identity, location, size and weight."""
+
+    id: str
+    type: str
+    path: str
+    tokens: int
+    weight: float
+
+
+def _fast_forward(ds: StreamingDataset, n: int) -> None:
+    """Advance a freshly iterated ``StreamingDataset`` by ``n`` samples of this worker's epoch.
+
+    Whole chunk intervals are skipped without reading them; the remainder (< one chunk) is read
+    and discarded. Relies on litdata's per-worker interval bookkeeping (pinned version).
+    """
+    skipped = 0
+    index = 0
+    intervals = ds.worker_intervals
+    while index < len(intervals):
+        size = intervals[index][2] - intervals[index][1]
+        if n - skipped < size:
+            break
+        skipped += size
+        index += 1
+    ds.worker_next_chunk_index = index
+    ds.global_index = skipped
+    ds.upcoming_indexes = deque()
+    for _ in range(n - skipped):
+        next(ds)
+
+
+class MixedStream(IterableDataset):
+    """Infinite iterable of micro-batches ``{"input_ids", "source", "worker", "state"}``."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        block_size: int,
+        batch_size: int,
+        seed: int = 42,
+        generation: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if not sources:
+            raise MidtrainError("A mixture needs at least one source with weight > 0.")
+        self.sources = list(sources)
+        self.block_size = int(block_size)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.generation = int(generation)
+        weights = np.array([s.weight for s in sources], dtype=np.float64)
+        self.probs = weights / weights.sum()
+        self.datasets = [
+            StreamingDataset(
+                s.path,
+                item_loader=TokensLoader(block_size=self.block_size),
+                shuffle=shuffle,
+                seed=self.seed,
+                drop_last=True,
+            )
+            for s in sources
+        ]
+        env = self.datasets[0].distributed_env
+        self.rank, self.world_size = env.global_rank, env.world_size
+        self.worker_offset = 0
+        self.resume_states: dict[int, dict] = {}
+
+    def _rng(self, logical_worker: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.rank, logical_worker, self.generation, 0x6D6978])
+
+    def __iter__(self):
+        info = get_worker_info()
+        num_workers = info.num_workers if info is not None else 1
+        physical = info.id if info is not None else 0
+        worker = (physical + self.worker_offset) % num_workers
+        state = self.resume_states.get(worker)
+        rng = self._rng(worker)
+        positions = {s.id: {"epoch": 1, "consumed": 0} for s in self.sources}
+        batches = 0
+        if state is not None:
+            if state.get("rng") is not None:
+                rng.bit_generator.state = state["rng"]
+            for sid, pos in state.get("sources", {}).items():
+                if sid in positions:
+                    positions[sid] = {"epoch": int(pos["epoch"]), "consumed": int(pos["consumed"])}
+            batches = int(state.get("batches", 0))
+        worker_env = _WorkerEnv(world_size=num_workers, rank=worker)
+        for ds in self.datasets:
+            ds._forced_worker_env = worker_env
+        started = [False] * len(self.sources)
+
+        def next_sample(i: int) -> torch.Tensor:
+            ds, pos = self.datasets[i], positions[self.sources[i].id]
+            for attempt in range(2):
+                if not started[i]:
+                    ds.set_epoch(pos["epoch"])
+                    iter(ds)
+                    if pos["consumed"]:
+                        _fast_forward(ds, pos["consumed"])
+                    started[i] = True
+                try:
+                    sample = next(ds)
+                    pos["consumed"] += 1
+                    return sample
+                except StopIteration:
+                    pos["epoch"] += 1
+                    pos["consumed"] = 0
+                    started[i] = False
+                    if attempt == 1 or ds.stop_length == 0:
+                        break
+            raise MidtrainError(
+                f"Source {self.sources[i].id} ({self.sources[i].path}) has no {self.block_size}-token samples for "
+                f"loader worker {worker} of {num_workers} on rank {self.rank} of {self.world_size}: the shard is too "
+                "small to split this many ways. Use fewer data.num_workers, or a larger shard."
+            )
+
+        n = len(self.sources)
+        while True:
+            picks = rng.choice(n, size=self.batch_size, p=self.probs) if n > 1 else np.zeros(self.batch_size, int)
+            rows = [next_sample(int(i)) for i in picks]
+            batches += 1
+            snapshot = {
+                "rng": rng.bit_generator.state,
+                "sources": {sid: dict(p) for sid, p in positions.items()},
+                "batches": batches,
+            }
+            yield {
+                "input_ids": torch.stack(rows),
+                "source": torch.from_numpy(picks.astype(np.int64)),
+                "worker": worker,
+                "state": snapshot,
+            }
+
+
+class MixedLoader(DataLoader):
+    """DataLoader over a :class:`MixedStream` that records the exact resume state.
+
+    With ``plain=True`` it yields bare token tensors (what the stock ``litgpt pretrain`` loop
+    expects); otherwise dicts with ``input_ids`` and ``source`` (index into ``sources``).
+    """
+
+    def __init__(self, stream: MixedStream, num_workers: int = 0, plain: bool = False, pin_memory: bool = False):
+        super().__init__(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        self.stream = stream
+        self.plain = plain
+        self.worker_states: dict[int, dict] = dict(stream.resume_states)
+        self.next_worker = 0
+
+    @property
+    def sources(self) -> list[Source]:
+        return self.stream.sources
+
+    def __iter__(self):
+        workers = max(1, self.num_workers)
+        self.stream.worker_offset = self.next_worker
+        self.stream.resume_states = dict(self.worker_states)
+        for batch in super().__iter__():
+            worker = int(batch.pop("worker"))
+            self.worker_states[worker] = batch.pop("state")
+            self.next_worker = (worker + 1) % workers
+            yield batch["input_ids"] if self.plain else batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable resume state of this rank's stream."""
+        return {
+            "version": STATE_VERSION,
+            "num_workers": max(1, self.num_workers),
+            "world_size": self.stream.world_size,
+            "rank": self.stream.rank,
+            "seed": self.stream.seed,
+            "block_size": self.stream.block_size,
+            "generation": self.stream.generation,
+            "sources": {s.id: {"tokens": s.tokens, "weight": s.weight} for s in self.stream.sources},
+            "next_worker": self.next_worker,
+            "workers": {str(k): v for k, v in self.worker_states.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (see the module docstring for mixture and topology changes)."""
+        if state.get("version") != STATE_VERSION:
+            raise MidtrainError(f"Unknown loader state version {state.get('version')}; expected {STATE_VERSION}.")
+        if int(state["block_size"]) != self.stream.block_size:
+            raise MidtrainError(
+                f"The checkpoint's data stream used sequences of {state['block_size'] - 1} tokens, this run uses "
+                f"{self.stream.block_size - 1}; resuming would change what a sample is. Keep max_seq_length."
+            )
+        for sid, old in state["sources"].items():
+            new = next((s for s in self.stream.sources if s.id == sid), None)
+            if new is not None and int(old["tokens"]) != new.tokens:
+                raise MidtrainError(
+                    f"Shard {sid} had {old['tokens']} tokens when the checkpoint was written and has {new.tokens} now; "
+                    "its data changed, so its stream position is meaningless. Restore the shard or rename it."
+                )
+        same_sources = {sid: old["weight"] for sid, old in state["sources"].items()} == {
+            s.id: s.weight for s in self.stream.sources
+        }
+        workers = {int(k): v for k, v in state["workers"].items()}
+        same_topology = (
+            int(state["num_workers"]) == max(1, self.num_workers) and int(state["world_size"]) == self.stream.world_size
+        )
+        if not same_topology:
+            warnings.warn(
+                f"Data loader topology changed (world size {state['world_size']} -> {self.stream.world_size}, workers "
+                f"{state['num_workers']} -> {max(1, self.num_workers)}): per-worker stream positions cannot be carried, "
+                "so every carried source starts its next epoch (a fresh shuffle).",
+                stacklevel=2,
+            )
+            epochs: dict[str, int] = {}
+            for w in workers.values():
+                for sid, pos in w["sources"].items():
+                    epochs[sid] = max(epochs.get(sid, 1), int(pos["epoch"]) + 1)
+            fresh = {"sources": {sid: {"epoch": e, "consumed": 0} for sid, e in epochs.items()}}
+            workers = {w: fresh for w in range(max(1, self.num_workers))}
+            next_worker = 0
+        else:
+            next_worker = int(state["next_worker"])
+        generation = int(state.get("generation", 0))
+        if not same_sources or not same_topology:
+            # Positions carry over; the source RNG starts the next generation's sequence.
+            workers = {w: {"sources": s["sources"], "batches": s.get("batches", 0)} for w, s in workers.items()}
+            generation += 1
+        self.stream.generation = generation
+        self.worker_states = workers
+        self.next_worker = next_worker

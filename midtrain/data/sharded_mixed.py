@@ -1,0 +1,187 @@
+"""``ShardedMixedDataset``: the litgpt ``DataModule`` over typed, weighted token shards.
+
+It works as the ``data:`` of ``midtrain pretrain`` (batches carry their source) and of the stock
+``litgpt pretrain`` (plain token tensors). Every setting is checked when the object is built:
+shards are discovered, the mixture and every stage's mixture are resolved, validation paths are
+verified; ``connect`` then checks that each sampled shard can serve the sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from litdata import StreamingDataset, TokensLoader
+from litgpt.data import DataModule
+from litgpt.tokenizer import Tokenizer
+from torch.utils.data import DataLoader, Dataset
+
+from midtrain.data.mixed_stream import MixedLoader, MixedStream, Source
+from midtrain.data.mixture import MODE_FIELDS, Mixture, MixtureSpec, resolve_mixture
+from midtrain.data.shards import Shard, discover_shards, load_shard, read_index
+from midtrain.errors import MidtrainError
+
+
+@dataclass
+class Stage:
+    """A mixture that takes over at optimizer step ``at_step``."""
+
+    at_step: int
+    spec: MixtureSpec
+    mixture: Mixture
+
+
+@dataclass
+class ShardedMixedDataset(DataModule):
+    """Weighted mixture of litdata token shards under ``data_path`` (see ``midtrain.data.mixture``)."""
+
+    data_path: Path | None = None
+    """Directory holding the shard folders (``1``, ``2``, ``c1``, ``m1``, ...)."""
+    val_data_path: str | dict[str, str] | None = None
+    """A validation shard directory, or a mapping ``name -> shard directory`` for several sets."""
+    mix_weights_str: str | dict[str, float] | None = None
+    """Weighted mode: per-type weights, e.g. ``main:0.8,code:0.2``."""
+    literal_weights_str: str | dict[str, float] | None = None
+    """Literal mode: per-shard weights, e.g. ``main/1:0.8,q1:0.1,q2:0.1``."""
+    proportional_sampling: bool = False
+    """Proportional mode: weight every shard by its token count."""
+    mix_config_path: str | None = None
+    """A JSON/YAML file holding the fields of one mode."""
+    divide_by_tokens: bool = False
+    """Weighted mode: split a type's weight across its shards by tokens instead of equally."""
+    proportional_multipliers: dict[str, float] | None = None
+    """Proportional mode: per-type multipliers, e.g. ``{code: 2.0}``."""
+    shard_types: dict[str, str] | None = None
+    """Extra shard types, ``name -> directory prefix`` (e.g. ``{pubmed: pm}``)."""
+    stages: list[dict[str, Any]] | None = None
+    """Mixture switches inside one run: ``[{at_step: 20000, mix_weights_str: "main:0.88,math:0.12"}]``."""
+    seed: int = 42
+    """Seed for litdata's shuffles and the source sampling."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = in the main process)."""
+    repeat_warning: float = 4.0
+    """`midtrain inspect` warns when a shard would be read more than this many times."""
+
+    tokenizer: Tokenizer | None = field(default=None, init=False, repr=False)
+    batch_size: int = field(default=1, init=False, repr=False)
+    block_size: int = field(default=-1, init=False, repr=False)
+    with_source: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        if self.num_workers < 0:
+            raise MidtrainError(f"data.num_workers must be >= 0, got {self.num_workers}.")
+        self.shards: list[Shard] = discover_shards(self.data_path, self.shard_types)
+        self.spec = MixtureSpec(
+            mix_weights_str=self.mix_weights_str,
+            literal_weights_str=self.literal_weights_str,
+            proportional_sampling=self.proportional_sampling,
+            mix_config_path=self.mix_config_path,
+            divide_by_tokens=self.divide_by_tokens,
+            proportional_multipliers=self.proportional_multipliers,
+        )
+        self.mixture = resolve_mixture(self.spec, self.shards, self.shard_types)
+        self.stage_list = self._resolve_stages()
+        self.val_paths = self._resolve_val_paths()
+
+    def _resolve_stages(self) -> list[Stage]:
+        stages = [Stage(at_step=0, spec=self.spec, mixture=self.mixture)]
+        for i, raw in enumerate(self.stages or []):
+            if not isinstance(raw, dict) or "at_step" not in raw:
+                raise MidtrainError(f"data.stages[{i}] must be a mapping with 'at_step' and one of {MODE_FIELDS}.")
+            fields_ = dict(raw)
+            at = fields_.pop("at_step")
+            if not isinstance(at, int) or at <= stages[-1].at_step:
+                raise MidtrainError(
+                    f"data.stages[{i}].at_step is {at!r}; stage steps must be integers, > 0 and increasing."
+                )
+            spec = MixtureSpec.from_mapping(fields_, where=f"data.stages[{i}]")
+            stages.append(Stage(at_step=at, spec=spec, mixture=resolve_mixture(spec, self.shards, self.shard_types)))
+        return stages
+
+    def _resolve_val_paths(self) -> dict[str, Path]:
+        if self.val_data_path is None:
+            return {}
+        raw = self.val_data_path if isinstance(self.val_data_path, dict) else {"val": self.val_data_path}
+        paths = {}
+        for name, path in raw.items():
+            p = Path(path).expanduser()
+            if not p.is_dir():
+                raise MidtrainError(f"Validation set {name!r}: {p} does not exist.")
+            read_index(p)  # raises a clear error when missing or corrupt
+            paths[str(name)] = p
+        return paths
+
+    # --- litgpt DataModule interface -------------------------------------------------------
+
+    def connect(
+        self, tokenizer: Tokenizer | None = None, batch_size: int = 1, max_seq_length: int | None = -1, **kwargs: Any
+    ) -> None:
+        if max_seq_length is None or max_seq_length < 1:
+            raise MidtrainError("ShardedMixedDataset needs max_seq_length >= 1 (train.max_seq_length or the model's).")
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.block_size = max_seq_length + 1  # inputs plus the next-token targets
+        self.with_source = bool(kwargs.get("with_source", False))
+        for stage in self.stage_list:
+            for row in stage.mixture.active:
+                row.shard.check_block_size(self.block_size)
+        for name, path in self.val_paths.items():
+            load_shard(name, "val", path).check_block_size(self.block_size)
+
+    def stage_at(self, step: int) -> tuple[int, Stage]:
+        """Index and stage in force at optimizer step ``step``."""
+        index = max(i for i, s in enumerate(self.stage_list) if s.at_step <= step)
+        return index, self.stage_list[index]
+
+    def train_dataloader(self, step: int = 0) -> MixedLoader:
+        self._require_connected()
+        _, stage = self.stage_at(step)
+        sources = [
+            Source(id=r.shard.id, type=r.shard.type, path=str(r.shard.path), tokens=r.shard.tokens, weight=r.weight)
+            for r in stage.mixture.active
+        ]
+        stream = MixedStream(sources, block_size=self.block_size, batch_size=self.batch_size, seed=self.seed)
+        return MixedLoader(stream, num_workers=self.num_workers, plain=not self.with_source)
+
+    def val_dataloader(self) -> DataLoader | None:
+        """The first validation set as plain token batches (what stock ``litgpt pretrain`` expects)."""
+        loaders = self.val_dataloaders()
+        return next(iter(loaders.values()), None)
+
+    def val_dataloaders(self, max_samples: int | None = None, batch_size: int | None = None) -> dict[str, DataLoader]:
+        """One loader per named validation set, each over a fixed, rank-split sample budget."""
+        self._require_connected()
+        return {
+            name: DataLoader(ValWindows(path, self.block_size, max_samples), batch_size=batch_size or self.batch_size)
+            for name, path in self.val_paths.items()
+        }
+
+    def _require_connected(self) -> None:
+        if self.block_size < 2:
+            raise MidtrainError("Call data.connect(tokenizer, batch_size, max_seq_length) before asking for loaders.")
+
+
+class ValWindows(Dataset):
+    """A fixed budget of evenly spaced, unshuffled windows of a validation shard, split across ranks.
+
+    Window ``i`` of ``n`` is sample ``floor(i * total / n)``; rank ``r`` of ``w`` takes windows
+    ``r, r + w, ...``. The union over ranks is the same set for every world size, so a summed and
+    all-reduced loss does not depend on the device count or the micro-batch size.
+    """
+
+    def __init__(self, path: Path, block_size: int, max_samples: int | None = None) -> None:
+        self.dataset = StreamingDataset(str(path), item_loader=TokensLoader(block_size=block_size), shuffle=False)
+        total = load_shard("val", "val", Path(path)).samples(block_size)
+        n = total if max_samples is None else min(total, int(max_samples))
+        rank, world = self.dataset.distributed_env.global_rank, self.dataset.distributed_env.world_size
+        self.indices = [i * total // n for i in range(rank, n, world)]
+        self.total_windows = n
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset[self.indices[i]]
