@@ -256,9 +256,9 @@ class MixedLoader(DataLoader):
         )
         if not same_topology:
             warnings.warn(
-                f"Data loader topology changed (world size {state['world_size']} -> {self.stream.world_size}, workers "
-                f"{state['num_workers']} -> {max(1, self.num_workers)}): per-worker stream positions cannot be carried, "
-                "so every carried source starts its next epoch (a fresh shuffle).",
+                f"Data loader topology changed (world size {state['world_size']} -> {self.stream.world_size}, "
+                f"workers {state['num_workers']} -> {max(1, self.num_workers)}): per-worker stream positions cannot "
+                "be carried, so every carried source starts its next epoch (a fresh shuffle).",
                 stacklevel=2,
             )
             epochs: dict[str, int] = {}
