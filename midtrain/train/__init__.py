@@ -1,0 +1,1 @@
+"""Training: step-keyed learning-rate schedules, atomic checkpoints and the pretraining loop."""

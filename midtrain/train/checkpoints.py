@@ -1,0 +1,369 @@
+"""Atomic training checkpoints for a Lightning Fabric run.
+
+On-disk layout of one checkpoint (``out_dir/step-00001000/``)::
+
+    lit_model.pth          fabric.save(state): {"model": ..., "optimizer": ..., <other keys of state>}
+    train_state.json       step counters, tokens per source, mixture, loader state (caller's dict)
+    hyperparameters.yaml   the run config (caller's dict)
+    model_config.yaml      litgpt model config (if given)
+    tokenizer.json, ...    tokenizer/config files copied from tokenizer_dir (if given)
+    COMPLETE               marker, written last: {"step": 1000}
+
+litgpt tools read ``lit_model.pth`` as well (they unwrap the ``"model"`` key), so a checkpoint is a
+usable litgpt checkpoint directory. ``save_final`` writes ``out_dir/final/`` with a plain model state
+dict only.
+
+Atomicity: everything, the marker included, is written into ``out_dir/.tmp-step-XXXXXXXX/``, synced
+to disk, and then renamed to ``step-XXXXXXXX`` (a single ``os.replace``). A kill at any point
+leaves either no ``step-*`` directory for that step or a complete one; ``find_latest`` additionally
+requires the marker. Re-saving an existing step moves the old one to ``.old-step-XXXXXXXX`` for the
+instant between two renames; ``find_latest`` falls back to it if a crash hits exactly there.
+``out_dir`` must be on a filesystem shared by all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+
+from midtrain.errors import MidtrainError
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "lit_model.pth"
+TRAIN_STATE_FILE = "train_state.json"
+HPARAMS_FILE = "hyperparameters.yaml"
+MODEL_CONFIG_FILE = "model_config.yaml"
+MARKER_FILE = "COMPLETE"
+REQUIRED_FILES = (MODEL_FILE, TRAIN_STATE_FILE)
+FINAL_DIR = "final"
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+_OLD_PREFIX = ".old-"
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_name(step: int) -> str:
+    """``step-00001000`` for step 1000 (litgpt's naming)."""
+    return f"step-{step:08d}"
+
+
+def is_complete(path: Path | str) -> bool:
+    """True if ``path`` is a finished checkpoint: marker plus model and train-state files, not a temp dir."""
+    path = Path(path)
+    return not path.name.startswith(_TMP_PREFIX) and not _missing(path)
+
+
+def find_latest(out_dir: Path | str) -> Path | None:
+    """The complete checkpoint with the highest step in ``out_dir``, or None.
+
+    Interrupted saves (``.tmp-*``) and ``step-*`` directories without the marker are skipped with
+    a warning.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    complete: dict[int, Path] = {}
+    fallbacks: dict[int, Path] = {}
+    for child in sorted(out_dir.iterdir()):
+        if child.name.startswith(_TMP_PREFIX):
+            log.warning("Ignoring %s: an interrupted checkpoint save.", child)
+            continue
+        old = child.name.startswith(_OLD_PREFIX)
+        match = _STEP_DIR.fullmatch(child.name.removeprefix(_OLD_PREFIX))
+        if match is None or not child.is_dir():
+            continue
+        if not is_complete(child):
+            log.warning("Ignoring incomplete checkpoint %s (missing %s).", child, ", ".join(_missing(child)))
+            continue
+        (fallbacks if old else complete)[int(match.group(1))] = child
+    for step, path in fallbacks.items():
+        complete.setdefault(step, path)
+    return complete[max(complete)] if complete else None
+
+
+def resolve_resume(resume: bool | Literal["auto"] | Path | str | None, out_dir: Path | str) -> Path | None:
+    """The checkpoint directory to resume from, or None to start fresh.
+
+    * ``False`` / ``None``: None.
+    * ``"auto"``: the newest complete checkpoint in ``out_dir``, or None if there is none.
+    * ``True``: the newest complete checkpoint in ``out_dir``; an error if there is none.
+    * a path: a complete checkpoint directory (or its ``lit_model.pth``), or a run directory,
+      meaning its newest complete checkpoint. It may belong to another run.
+    """
+    out_dir = Path(out_dir)
+    if resume is None or resume is False:
+        return None
+    if resume == "auto":
+        return find_latest(out_dir)
+    if resume is True:
+        latest = find_latest(out_dir)
+        if latest is None:
+            raise MidtrainError(
+                f"resume=true but {out_dir} holds no complete checkpoint; "
+                "use resume: auto to start fresh when there is none."
+            )
+        return latest
+    return _resolve_path(Path(resume).expanduser())
+
+
+def save_checkpoint(
+    fabric: Fabric,
+    out_dir: Path | str,
+    step: int,
+    state: dict[str, Any],
+    train_state: dict[str, Any],
+    config: dict[str, Any],
+    model_config: dict[str, Any] | None = None,
+    tokenizer_dir: Path | str | None = None,
+) -> Path:
+    """Atomically write checkpoint ``out_dir/step-XXXXXXXX`` and return its path.
+
+    Call on all ranks: ``state`` (modules, optimizers, plain values) goes through ``fabric.save``,
+    which is collective under FSDP; rank 0 writes the other files and publishes the directory.
+    ``train_state`` must be JSON-serialisable (dict keys become strings, key order is kept);
+    ``config`` and ``model_config`` YAML-serialisable. Paths, tuples and dataclasses are converted.
+    Re-saving an existing step replaces it.
+    """
+    texts = {
+        TRAIN_STATE_FILE: _to_json(train_state, "train_state"),
+        HPARAMS_FILE: _to_yaml(config, "config"),
+        MARKER_FILE: json.dumps({"step": step}) + "\n",
+    }
+    if model_config is not None:
+        texts[MODEL_CONFIG_FILE] = _to_yaml(model_config, "model_config")
+    return _write_atomically(fabric, Path(out_dir), checkpoint_name(step), state, texts, tokenizer_dir)
+
+
+def load_checkpoint(fabric: Fabric, path: Path | str, state: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """Restore ``state`` (model, optimizer, ...) in place from checkpoint ``path``; return its train_state.
+
+    Call on all ranks. ``strict``: every key of ``state`` must be in the checkpoint and the model's
+    parameter names must match exactly; a mismatch is a MidtrainError naming the checkpoint.
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise MidtrainError(_incomplete_message(path))
+    try:
+        fabric.load(path / MODEL_FILE, state, strict=strict)
+    except (KeyError, RuntimeError) as err:
+        written_for = path / MODEL_CONFIG_FILE
+        hint = f"\nIt was written for the model in {written_for}." if written_for.is_file() else ""
+        raise MidtrainError(
+            f"Checkpoint {path} does not fit the current model/optimizer (strict={strict}): {err}{hint}"
+        ) from err
+    return read_train_state(path)
+
+
+def read_train_state(path: Path | str) -> dict[str, Any]:
+    """The ``train_state.json`` of checkpoint ``path``."""
+    return json.loads((Path(path) / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+
+
+def read_yaml(path: Path | str, name: str = HPARAMS_FILE) -> dict[str, Any] | None:
+    """A YAML file of checkpoint ``path`` (``hyperparameters.yaml`` by default); None if absent."""
+    file = Path(path) / name
+    return yaml.safe_load(file.read_text(encoding="utf-8")) if file.is_file() else None
+
+
+def save_final(
+    fabric: Fabric,
+    out_dir: Path | str,
+    model: Any,
+    config: dict[str, Any],
+    model_config: dict[str, Any] | None = None,
+    tokenizer_dir: Path | str | None = None,
+) -> Path:
+    """Atomically write ``out_dir/final/`` for downstream litgpt use and return its path.
+
+    ``lit_model.pth`` there is a plain model state dict (no optimizer); with ``model_config.yaml`` and
+    the tokenizer files it works with ``litgpt generate`` / ``convert_from_litgpt``. Call on all ranks
+    (FSDP needs ``state_dict_type="full"``).
+    """
+    texts = {HPARAMS_FILE: _to_yaml(config, "config"), MARKER_FILE: json.dumps({"final": True}) + "\n"}
+    if model_config is not None:
+        texts[MODEL_CONFIG_FILE] = _to_yaml(model_config, "model_config")
+    return _write_atomically(fabric, Path(out_dir), FINAL_DIR, {"model": model}, texts, tokenizer_dir, unwrap=True)
+
+
+def prune_checkpoints(out_dir: Path | str, keep_last: int | None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (None: keep all); return the deleted.
+
+    Call on rank 0 only. Incomplete directories are left alone.
+    """
+    if keep_last is None:
+        return []
+    if keep_last < 1:
+        raise MidtrainError(f"keep_last must be >= 1 or None (keep all), got {keep_last}.")
+    out_dir = Path(out_dir)
+    steps = sorted(
+        (int(m.group(1)), child)
+        for child in out_dir.iterdir()
+        if (m := _STEP_DIR.fullmatch(child.name)) and is_complete(child)
+    )
+    doomed = [path for _, path in steps[:-keep_last]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def _write_atomically(
+    fabric: Fabric,
+    out_dir: Path,
+    name: str,
+    state: dict[str, Any],
+    texts: dict[str, str],
+    tokenizer_dir: Path | str | None,
+    unwrap: bool = False,
+) -> Path:
+    """Write ``state`` and ``texts`` (marker last) into a temp dir, then rename it to ``out_dir/name``."""
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise MidtrainError(f"tokenizer_dir {tokenizer_dir} is not a directory; cannot copy tokenizer files.")
+    final, tmp, old = out_dir / name, out_dir / f"{_TMP_PREFIX}{name}", out_dir / f"{_OLD_PREFIX}{name}"
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out_dir)
+        tmp.mkdir()
+    fabric.barrier()
+    fabric.save(tmp / MODEL_FILE, state)  # collective; ends with a barrier
+    if unwrap and (tmp / MODEL_FILE).is_dir():
+        raise MidtrainError("save_final needs a single-file model state; use FSDP with state_dict_type='full'.")
+    if fabric.global_rank == 0:
+        if unwrap:
+            _unwrap_model_file(tmp / MODEL_FILE)
+        if tokenizer_dir is not None:
+            from litgpt.utils import copy_config_files
+
+            copy_config_files(Path(tokenizer_dir), tmp)
+        for file_name, text in texts.items():
+            if file_name != MARKER_FILE:
+                (tmp / file_name).write_text(text, encoding="utf-8")
+        _fsync_tree(tmp)
+        (tmp / MARKER_FILE).write_text(texts[MARKER_FILE], encoding="utf-8")
+        _fsync(tmp / MARKER_FILE)
+        _fsync(tmp)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    fabric.barrier()
+    return final
+
+
+def _unwrap_model_file(file: Path) -> None:
+    """Rewrite ``{"model": state_dict}`` as the plain state dict."""
+    import torch
+
+    state_dict = torch.load(file, mmap=True, weights_only=True)["model"]
+    torch.save(state_dict, file.with_suffix(".plain"))
+    del state_dict
+    os.replace(file.with_suffix(".plain"), file)
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Delete interrupted saves, and moved-aside old checkpoints whose replacement is complete."""
+    for child in out_dir.iterdir():
+        if child.name.startswith(_TMP_PREFIX):
+            shutil.rmtree(child)
+        elif child.name.startswith(_OLD_PREFIX) and is_complete(out_dir / child.name.removeprefix(_OLD_PREFIX)):
+            shutil.rmtree(child)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for file_name in filenames:
+            _fsync(Path(dirpath, file_name))
+        _fsync(Path(dirpath))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory entry to disk (some network/FUSE filesystems refuse it for directories)."""
+    with contextlib.suppress(OSError) if path.is_dir() else contextlib.nullcontext():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _resolve_path(path: Path) -> Path:
+    if path.is_file():  # e.g. .../step-00001000/lit_model.pth
+        path = path.parent
+    if not path.exists():
+        raise MidtrainError(f"resume path {path} does not exist{_listing(path.parent)}.")
+    if is_complete(path):
+        return path
+    if _STEP_DIR.fullmatch(path.name) or (path / MODEL_FILE).exists():
+        raise MidtrainError(_incomplete_message(path))
+    latest = find_latest(path)  # a run directory
+    if latest is None:
+        raise MidtrainError(
+            f"resume path {path} is neither a complete checkpoint nor a run directory holding one "
+            f"(step-* directories with a {MARKER_FILE} marker). To start from weights only, use initial_checkpoint_dir."
+        )
+    return latest
+
+
+def _missing(path: Path) -> list[str]:
+    return [name for name in (MARKER_FILE, *REQUIRED_FILES) if not (path / name).is_file()]
+
+
+def _incomplete_message(path: Path) -> str:
+    if path.name.startswith(_TMP_PREFIX):
+        return f"{path} is an interrupted checkpoint save, not a checkpoint{_listing(path.parent)}."
+    missing = ", ".join(_missing(path))
+    why = " (its save was interrupted)" if MARKER_FILE in missing else ""
+    return (
+        f"{path} is not a complete checkpoint{why}: missing {missing}{_listing(path.parent)}. "
+        "To start from weights only, use initial_checkpoint_dir."
+    )
+
+
+def _listing(directory: Path) -> str:
+    """``; complete checkpoints in D: a, b`` (or that there are none)."""
+    if not directory.is_dir():
+        return ""
+    found = [
+        child.name for child in sorted(directory.iterdir()) if _STEP_DIR.fullmatch(child.name) and is_complete(child)
+    ]
+    return f"; complete checkpoints in {directory}: {', '.join(found) if found else 'none'}"
+
+
+def _to_plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return _to_plain(asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _to_json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(_to_plain(value), indent=2) + "\n"
+    except (TypeError, ValueError) as err:
+        raise MidtrainError(f"{what} must be JSON-serialisable to go into a checkpoint: {err}") from err
+
+
+def _to_yaml(value: Any, what: str) -> str:
+    try:
+        return yaml.safe_dump(_to_plain(value), sort_keys=False)
+    except yaml.YAMLError as err:
+        raise MidtrainError(f"{what} must be YAML-serialisable to go into a checkpoint: {err}") from err

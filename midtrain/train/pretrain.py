@@ -1,0 +1,463 @@
+"""``midtrain pretrain``: pretraining and midtraining on a ShardedMixedDataset, in one readable loop.
+
+Same shape as ``litgpt pretrain`` (model, data, train, eval, optimizer, devices, ...), plus:
+absolute length in optimizer steps, step-keyed LR schedules, mixture stages, exact resume of the
+data stream, carry-over of stream positions when the mixture changes, several validation sets,
+per-source loss and token logging, atomic checkpoints and SLURM preemption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
+from litgpt.config import Config
+from litgpt.model import GPT
+from litgpt.pretrain import initialize_weights
+from litgpt.tokenizer import Tokenizer
+from litgpt.utils import choose_logger, chunked_cross_entropy, instantiate_torch_optimizer, num_parameters
+
+from midtrain.data.sharded_mixed import ShardedMixedDataset
+from midtrain.errors import MidtrainError
+from midtrain.train.args import EvalArgs, TrainArgs
+from midtrain.train.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from midtrain.train.runtime import (
+    EXIT_PREEMPTED,
+    MetricsLog,
+    PreemptionFlag,
+    build_fabric,
+    evaluate_sets,
+    gather_objects,
+    sequence_losses,
+    tokenizer_fingerprint,
+    val_metrics,
+)
+from midtrain.train.schedules import LRSchedule, lr_at
+
+
+def setup(
+    model_name: str | None = None,
+    model_config: Config | None = None,
+    out_dir: Path = Path("out/pretrain"),
+    precision: str | None = None,
+    initial_checkpoint_dir: Path | None = None,
+    resume: bool | Literal["auto"] | Path = False,
+    data: ShardedMixedDataset | None = None,
+    train: TrainArgs = TrainArgs(),
+    eval: EvalArgs = EvalArgs(),
+    optimizer: str | dict = "AdamW",
+    devices: int | str = "auto",
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    tokenizer_dir: Path | None = None,
+    logger_name: Literal["wandb", "tensorboard", "csv"] = "csv",
+    seed: int = 42,
+    compile: bool = False,
+    preemption_signal: str | None = "SIGUSR1",
+) -> None:
+    """Pretrain (or midtrain) a litgpt model on a weighted mixture of token shards.
+
+    Args:
+        model_name: A litgpt model name (e.g. ``pythia-160m``); mutually exclusive with ``model_config``.
+        model_config: A litgpt ``Config`` for a custom model.
+        out_dir: Run directory: checkpoints ``step-XXXXXXXX/``, ``metrics.jsonl``, ``mixture_history.json``.
+        precision: Fabric precision (``bf16-mixed``, ``32-true``, ...); default picks the best supported.
+        initial_checkpoint_dir: Start from these model weights (step 0, fresh optimizer).
+        resume: ``auto`` (newest complete checkpoint in ``out_dir``, else start fresh), a checkpoint
+            directory (also from another run: midtraining into a new ``out_dir``), or False.
+        data: The ShardedMixedDataset (mixture, stages, validation sets).
+        train: Length, batch sizes, LR schedule, checkpoint interval.
+        eval: Validation interval and sample budget.
+        optimizer: A torch optimizer name or ``{class_path, init_args}``.
+        devices: Devices per node.
+        num_nodes: Number of nodes (SLURM: one srun task per device).
+        accelerator: ``auto``, ``cpu`` or ``cuda``.
+        strategy: ``auto`` (FSDP on several GPUs, DDP over gloo on CPU), ``ddp`` or ``fsdp``.
+        tokenizer_dir: Tokenizer directory, copied into checkpoints and fingerprinted for resume checks.
+        logger_name: Extra logger besides ``metrics.jsonl``.
+        seed: Seed for model initialisation.
+        compile: ``torch.compile`` the model.
+        preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
+    """
+    if (model_name is None) == (model_config is None):
+        raise MidtrainError("Give exactly one of model_name (a litgpt model name) or model_config.")
+    if data is None:
+        raise MidtrainError("data is not set; configure a ShardedMixedDataset under `data:`.")
+    config = Config.from_name(model_name) if model_config is None else model_config
+    train.validate()
+    hparams = _hparams(locals())
+    fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
+    logger = choose_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
+    fabric._loggers = [logger]
+    fabric.launch(
+        main,
+        config,
+        data,
+        Path(out_dir),
+        initial_checkpoint_dir,
+        resume,
+        train,
+        eval,
+        optimizer,
+        tokenizer_dir,
+        seed,
+        compile,
+        preemption_signal,
+        hparams,
+    )
+
+
+def main(
+    fabric: L.Fabric,
+    config: Config,
+    data: ShardedMixedDataset,
+    out_dir: Path,
+    initial_checkpoint_dir: Path | None,
+    resume: bool | Literal["auto"] | Path,
+    train: TrainArgs,
+    eval: EvalArgs,
+    optimizer_cfg: str | dict,
+    tokenizer_dir: Path | None,
+    seed: int,
+    compile: bool,
+    preemption_signal: str | None,
+    hparams: dict,
+) -> None:
+    preempt = PreemptionFlag(preemption_signal)
+    accum = train.gradient_accumulation_iters(fabric.world_size)
+    seq_len = train.max_seq_length or config.block_size
+    schedule = LRSchedule(
+        name=train.lr_schedule,
+        warmup_steps=train.lr_warmup_steps,
+        warmup_fraction=train.lr_warmup_fraction,
+        min_lr=train.min_lr,
+        decay_fraction=train.lr_decay_fraction,
+    )
+    checkpoint = resolve_resume(resume, out_dir)
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- model and optimizer ---------------------------------------------------------------
+    fabric.seed_everything(seed)
+    with fabric.init_module(empty_init=fabric.world_size > 1):
+        model = GPT(config)
+    initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
+    if train.tie_embeddings:
+        model.transformer.wte.weight = model.lm_head.weight
+    model.max_seq_length = seq_len
+    fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, sequence length {seq_len}.")
+    if checkpoint is None and initial_checkpoint_dir is not None:
+        _load_weights(fabric, model, Path(initial_checkpoint_dir))
+    if compile:
+        model = torch.compile(model)
+    model = fabric.setup(model)
+    optimizer = instantiate_torch_optimizer(optimizer_cfg, model.parameters(), fused=fabric.device.type == "cuda")
+    optimizer = fabric.setup_optimizers(optimizer)
+    base_lr = optimizer.param_groups[0]["lr"]
+
+    # ---- data --------------------------------------------------------------------------------
+    tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len, with_source=True)
+    val_loaders = data.val_dataloaders(max_samples=eval.max_samples, batch_size=eval.batch_size)
+    types = sorted({r.shard.type for s in data.stage_list for r in s.mixture.active})
+
+    # ---- state: fresh, from initial weights, or resumed ------------------------------------
+    step = 0
+    tokens_by_source: dict[str, int] = {}
+    history: list[dict] = []
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    if checkpoint is not None:
+        saved = load_checkpoint(fabric, checkpoint, {"model": model, "optimizer": optimizer})
+        _check_compatible(saved, config, seq_len, fingerprint, checkpoint)
+        step = int(saved["step"])
+        tokens_by_source = {k: int(v) for k, v in saved["tokens_by_source"].items()}
+        history = list(saved.get("mixture_history", []))
+        fabric.print(f"Resumed from {checkpoint} at optimizer step {step}.")
+
+    stage_index, stage = data.stage_at(step)
+    loader = data.train_dataloader(step)
+    if checkpoint is not None:
+        loader.load_state_dict(_rank_loader_state(fabric, saved["loader"]))
+        if saved["mixture"]["weights"] != stage.mixture.weights_by_id():
+            history.append(_switch(step, saved["mixture"], stage.mixture, f"resume from {checkpoint}"))
+            fabric.print(f"Mixture changed at step {step}: {history[-1]['from']} -> {history[-1]['to']}")
+    if not history:
+        history.append(_switch(step, None, stage.mixture, "start"))
+    fabric.print(f"Mixture from step {step}: {stage.mixture.mode} {stage.mixture.description}")
+
+    end_step = train.max_steps
+    if train.max_additional_steps is not None:
+        end_step = min(end_step, step + train.max_additional_steps)
+    metrics_log = MetricsLog(fabric, out_dir)
+    # model FLOPs of one optimizer step (all ranks), and the device peak for MFU (known for GPUs only)
+    flops_per_step = _flops_per_batch(config, train.micro_batch_size, seq_len) * accum * fabric.world_size
+    peak_flops = get_available_flops(fabric.device, _compute_dtype(fabric))
+    if fabric.global_rank == 0:
+        _write_json(out_dir / "mixture_history.json", history)
+
+    def save(reason: str) -> Path:
+        loader_states = gather_objects(fabric, loader.state_dict())
+        train_state = {
+            "step": step,
+            "tokens_seen": sum(tokens_by_source.values()),
+            "tokens_by_source": tokens_by_source,
+            "tokens_by_type": _by_type(tokens_by_source, data),
+            "mixture": {
+                "stage": stage_index,
+                "mode": stage.mixture.mode,
+                "description": stage.mixture.description,
+                "weights": stage.mixture.weights_by_id(),
+            },
+            "mixture_history": history,
+            "loader": loader_states,
+            "model_config": dataclasses.asdict(config),
+            "max_seq_length": seq_len,
+            "tokenizer_fingerprint": fingerprint,
+            "world_size": fabric.world_size,
+            "reason": reason,
+        }
+        path = save_checkpoint(
+            fabric,
+            out_dir,
+            step,
+            {"model": model, "optimizer": optimizer},
+            train_state,
+            hparams,
+            model_config=dataclasses.asdict(config),
+            tokenizer_dir=tokenizer_dir,
+        )
+        fabric.print(f"Saved checkpoint {path} ({reason}).")
+        return path
+
+    def validate(at_step: int, **extra: Any) -> None:
+        losses = evaluate_sets(fabric, model, val_loaders)
+        metrics_log.log(at_step, {**extra, **val_metrics(losses)})
+        fabric.print(f"validation at step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+
+    if eval.initial_validation and val_loaders:
+        validate(step)
+
+    # ---- the loop: one iteration = one optimizer step -----------------------------------------
+    train_iter = iter(loader)
+    sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)  # per type: loss, sequences
+    step_tokens = torch.zeros(len(data.shards), dtype=torch.int64)
+    shard_index = {s.id: i for i, s in enumerate(data.shards)}
+    t_start = t_window = time.perf_counter()
+    window_start_step = step
+    while step < end_step:
+        new_index, new_stage = data.stage_at(step)
+        if new_index != stage_index:  # a stage switch: same semantics as resuming with a new mixture
+            state = loader.state_dict()
+            loader = data.train_dataloader(step)
+            loader.load_state_dict(state)
+            train_iter = iter(loader)
+            history.append(
+                _switch(
+                    step,
+                    {"weights": stage.mixture.weights_by_id(), "description": stage.mixture.description},
+                    new_stage.mixture,
+                    "stage",
+                )
+            )
+            fabric.print(f"Stage {new_index} at step {step}: {new_stage.mixture.mode} {new_stage.mixture.description}")
+            stage_index, stage = new_index, new_stage
+            if fabric.global_rank == 0:
+                _write_json(out_dir / "mixture_history.json", history)
+        source_type = torch.tensor([types.index(s.type) for s in loader.sources], device=fabric.device)
+        source_shard = torch.tensor([shard_index[s.id] for s in loader.sources])
+
+        lr = lr_at(step, train.max_steps, base_lr, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=fabric.device)
+        for micro in range(accum):
+            batch = next(train_iter)
+            tokens = batch["input_ids"].to(fabric.device, non_blocking=True).long()
+            input_ids, targets = tokens[:, :-1], tokens[:, 1:]
+            with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+                logits = model(input_ids)
+                loss = chunked_cross_entropy(logits, targets)
+                fabric.backward(loss / accum)
+            with torch.no_grad():
+                seq_loss, _ = sequence_losses(logits.detach(), targets)
+                src = batch["source"].to(fabric.device)
+                sums[:, 0].index_add_(0, source_type[src], seq_loss.double() / targets.size(1))
+                sums[:, 1].index_add_(0, source_type[src], torch.ones_like(seq_loss, dtype=torch.float64))
+            step_loss += loss.detach() / accum
+            step_tokens.index_add_(0, source_shard[batch["source"]], torch.full_like(batch["source"], seq_len))
+        if train.max_norm is not None:
+            fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % train.log_interval == 0 or step == end_step:
+            reduced = fabric.all_reduce(torch.cat([sums.flatten(), step_loss.double().view(1)]), reduce_op="sum")
+            counts = fabric.all_reduce(step_tokens.to(fabric.device), reduce_op="sum").cpu()
+            for sid, i in shard_index.items():
+                if counts[i]:
+                    tokens_by_source[sid] = tokens_by_source.get(sid, 0) + int(counts[i])
+            per_type = reduced[:-1].view(len(types), 2)
+            now = time.perf_counter()
+            window_steps = step - window_start_step
+            window_tokens = window_steps * train.global_batch_size * seq_len
+            metrics: dict[str, Any] = {
+                "loss": float(reduced[-1]) / fabric.world_size,
+                "lr": lr,
+                "tokens": sum(tokens_by_source.values()),
+                "step_time": (now - t_window) / window_steps,
+                "tokens_per_sec": window_tokens / (now - t_window),
+                "tokens_per_sec_per_device": window_tokens / (now - t_window) / fabric.world_size,
+                "mixture_stage": stage_index,
+            }
+            if peak_flops:
+                metrics["mfu"] = flops_per_step / fabric.world_size * window_steps / (now - t_window) / peak_flops
+            for t, (loss_sum, n) in zip(types, per_type.tolist()):
+                if n:
+                    metrics[f"train/{t}/loss"] = loss_sum / n
+            for t, count in _by_type(tokens_by_source, data).items():
+                metrics[f"tokens/{t}"] = count
+            metrics_log.log(step, metrics)
+            fabric.print(
+                f"step {step}/{end_step} | loss {metrics['loss']:.4f} | lr {lr:.3e} | "
+                f"{metrics['tokens_per_sec_per_device']:,.0f} tok/s/device"
+            )
+            sums.zero_()
+            step_tokens.zero_()
+            t_window, window_start_step = now, step
+
+        if val_loaders and eval.interval and step % eval.interval == 0 and step != end_step:
+            validate(step)
+        if preempt.agreed(fabric):
+            save("preempted")
+            fabric.print(
+                f"Preemption signal: checkpoint written at step {step}; exiting with status "
+                f"{EXIT_PREEMPTED} so the job is requeued."
+            )
+            fabric.barrier()
+            sys.exit(EXIT_PREEMPTED)
+        if train.save_interval and step % train.save_interval == 0 and step != end_step:
+            save("interval")
+
+    if step > 0 and (checkpoint is None or step > int(saved["step"])):
+        final = save("end")
+    else:
+        final = checkpoint
+    if eval.final_validation and val_loaders:
+        validate(step, final=True)
+    if fabric.global_rank == 0:
+        _write_json(
+            out_dir / "summary.json",
+            {
+                "step": step,
+                "max_steps": train.max_steps,
+                "final_checkpoint": str(final),
+                "tokens_seen": sum(tokens_by_source.values()),
+                "tokens_by_source": tokens_by_source,
+                "tokens_by_type": _by_type(tokens_by_source, data),
+                "mixture_history": history,
+                "train_seconds": time.perf_counter() - t_start,
+            },
+        )
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _hparams(local_vars: dict) -> dict:
+    """The run config as plain data (saved with every checkpoint)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+
+    return {k: plain(v) for k, v in local_vars.items() if not k.startswith("_")}
+
+
+def _switch(step: int, old: dict | None, new, reason: str) -> dict:
+    return {
+        "step": step,
+        "reason": reason,
+        "from": None if old is None else old.get("description"),
+        "to": f"{new.mode} {new.description}",
+        "weights": new.weights_by_id(),
+    }
+
+
+def _by_type(tokens_by_source: dict[str, int], data: ShardedMixedDataset) -> dict[str, int]:
+    type_of = {s.id: s.type for s in data.shards}
+    out: dict[str, int] = {}
+    for sid, n in tokens_by_source.items():
+        out[type_of.get(sid, "unknown")] = out.get(type_of.get(sid, "unknown"), 0) + n
+    return out
+
+
+def _rank_loader_state(fabric: L.Fabric, states: list[dict]) -> dict:
+    """This rank's saved loader state; with another world size, rank 0's (the loader then reshuffles)."""
+    if len(states) == fabric.world_size:
+        return states[fabric.global_rank]
+    return states[0]
+
+
+def _check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str | None, path: Path) -> None:
+    old = saved.get("model_config") or {}
+    new = dataclasses.asdict(config)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "name")
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise MidtrainError(f"Checkpoint {path} was trained with a different model ({details}); cannot resume it.")
+    if int(saved.get("max_seq_length", seq_len)) != seq_len:
+        raise MidtrainError(
+            f"Checkpoint {path} used max_seq_length {saved['max_seq_length']}, this run {seq_len}; keep it equal."
+        )
+    old_fp = saved.get("tokenizer_fingerprint")
+    if old_fp and fingerprint and old_fp != fingerprint:
+        raise MidtrainError(
+            f"Checkpoint {path} was trained with another tokenizer (fingerprint {old_fp[:12]} vs "
+            f"{fingerprint[:12]}); token IDs would not mean the same thing."
+        )
+
+
+def _load_weights(fabric: L.Fabric, model: GPT, directory: Path) -> None:
+    """Model weights only, from a litgpt checkpoint dir or one of ours."""
+    path = directory / "lit_model.pth"
+    if not path.is_file():
+        raise MidtrainError(f"initial_checkpoint_dir {directory} has no lit_model.pth.")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state.get("model", state))
+    fabric.print(f"Initial weights from {path}.")
+
+
+def _compute_dtype(fabric: L.Fabric) -> torch.dtype:
+    precision = str(fabric._precision.precision) if hasattr(fabric._precision, "precision") else ""
+    return torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+
+
+def _flops_per_batch(config: Config, micro_batch: int, seq_len: int) -> float:
+    with torch.device("meta"):
+        meta = GPT(config)
+        meta.max_seq_length = seq_len
+        x = torch.randint(0, 1, (micro_batch, seq_len))
+        flops = measure_flops(meta, lambda: meta(x), lambda y: chunked_cross_entropy(y, x, chunk_size=0))
+    return float(flops)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
