@@ -50,6 +50,10 @@ def run(command: str, args: list[str]) -> Any:
     target = COMMANDS[command][0]
     if command == "prepare" and args[:1] == ["demo"]:
         target, args, command = PREPARE_DEMO, args[1:], "prepare demo"
+    if command in ("inspect", "pretrain", "finetune", "demo"):
+        from midtrain.data.sharded_mixed import register_litgpt_alias
+
+        register_litgpt_alias()
     fn = _load(target)
     parser = _parser(fn, f"midtrain {command}")
     cfg = parser.parse_args(args)
@@ -75,8 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     set_docstring_parse_options(attribute_docstrings=True)
     warnings.filterwarnings("ignore", message=r".*The epoch parameter in `scheduler.step\(\)`.*")
     torch.set_float32_matmul_precision("high")
-    import midtrain.data  # noqa: F401  (registers the litgpt.data.ShardedMixedDataset alias)
-
     try:
         run(argv[0], argv[1:])
     except MidtrainError as e:

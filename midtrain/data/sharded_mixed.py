@@ -185,3 +185,10 @@ class ValWindows(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.dataset[self.indices[i]]
+
+
+def register_litgpt_alias() -> None:
+    """Old configs say ``class_path: litgpt.data.ShardedMixedDataset`` (the research fork's location)."""
+    import litgpt.data
+
+    litgpt.data.ShardedMixedDataset = ShardedMixedDataset

@@ -27,7 +27,7 @@ from litgpt.utils import choose_logger, chunked_cross_entropy, instantiate_torch
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
 from midtrain.train.args import EvalArgs, TrainArgs
-from midtrain.train.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from midtrain.train.checkpoints import load_checkpoint, read_train_state, resolve_resume, save_checkpoint
 from midtrain.train.runtime import (
     EXIT_PREEMPTED,
     MetricsLog,
@@ -147,7 +147,7 @@ def main(
 
     # ---- model and optimizer ---------------------------------------------------------------
     fabric.seed_everything(seed)
-    with fabric.init_module(empty_init=fabric.world_size > 1):
+    with fabric.init_module(empty_init=True):  # every weight is set by initialize_weights below
         model = GPT(config)
     initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
     if train.tie_embeddings:
@@ -175,8 +175,8 @@ def main(
     history: list[dict] = []
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
     if checkpoint is not None:
+        _check_compatible(read_train_state(checkpoint), config, seq_len, fingerprint, checkpoint)
         saved = load_checkpoint(fabric, checkpoint, {"model": model, "optimizer": optimizer})
-        _check_compatible(saved, config, seq_len, fingerprint, checkpoint)
         step = int(saved["step"])
         tokens_by_source = {k: int(v) for k, v in saved["tokens_by_source"].items()}
         history = list(saved.get("mixture_history", []))

@@ -1,0 +1,1 @@
+"""Evaluation and analysis: validation losses, corpus similarity, data-efficiency fits."""

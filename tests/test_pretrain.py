@@ -1,0 +1,195 @@
+"""`midtrain pretrain` end to end on CPU: a tiny litgpt model, real shards, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from midtrain.cli import run
+from midtrain.data.synthetic import write_tree
+from midtrain.errors import MidtrainError
+from midtrain.train.checkpoints import find_latest, read_train_state
+from midtrain.train.runtime import EXIT_PREEMPTED
+
+MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512,
+         "padded_vocab_size": 512}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    write_tree(root / "data", {"1": 60_000, "2": 30_000, "c1": 20_000, "m1": 8_000}, chunk_tokens=3_300)
+    write_tree(root / "val", {"1": 4_000, "2": 4_000}, chunk_tokens=3_300)
+    return root
+
+
+def config(corpus: Path, out: Path, workers: int = 0, **overrides) -> Path:
+    cfg = {
+        "model_config": MODEL,
+        "out_dir": str(out),
+        "precision": "32-true",
+        "accelerator": "cpu",
+        "devices": 1,
+        "data": {
+            "class_path": "midtrain.data.ShardedMixedDataset",
+            "init_args": {
+                "data_path": str(corpus / "data"),
+                "val_data_path": {"a": str(corpus / "val" / "1"), "b": str(corpus / "val" / "2")},
+                "mix_weights_str": "main:0.7,code:0.3",
+                "num_workers": workers,
+            },
+        },
+        "train": {"max_steps": 8, "global_batch_size": 8, "micro_batch_size": 4, "save_interval": 4,
+                  "lr_warmup_steps": 2, "min_lr": 1e-5},
+        "eval": {"interval": 100, "max_samples": 24, "final_validation": True},
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003, "weight_decay": 0.1}},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = out.parent / f"{out.name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def pretrain(cfg: Path, *args: str) -> None:
+    run("pretrain", ["--config", str(cfg), *args])
+
+
+def records(out: Path, key: str = "loss") -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_run_gives_the_same_losses(corpus, tmp_path, workers):
+    whole = tmp_path / "whole"
+    pretrain(config(corpus, whole, workers))
+    parts = tmp_path / "parts"
+    cfg = config(corpus, parts, workers)
+    pretrain(cfg, "--train.max_additional_steps", "3")  # stops at step 3, checkpoint "end"
+    assert read_train_state(find_latest(parts))["step"] == 3
+    pretrain(cfg, "--resume", "auto", "--train.max_additional_steps", "2")  # 3 -> 5
+    pretrain(cfg, "--resume", "auto")  # 5 -> 8
+    expected, got = records(whole), records(parts)
+    assert sorted(got) == list(range(1, 9))
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert records(parts, "lr") == records(whole, "lr")
+    summary = json.loads((parts / "summary.json").read_text())
+    assert summary["tokens_seen"] == 8 * 8 * 32
+    assert summary["tokens_by_source"] == json.loads((whole / "summary.json").read_text())["tokens_by_source"]
+
+
+def test_stages_equal_resume_with_new_mixture(corpus, tmp_path):
+    staged = tmp_path / "staged"
+    pretrain(config(corpus, staged, 2, **{"data.init_args.stages": [{"at_step": 4, "mix_weights_str":
+                                                                     "main:0.6,math:0.4"}]}))
+    first = tmp_path / "first"
+    pretrain(config(corpus, first, 2), "--train.max_additional_steps", "4")
+    second = tmp_path / "second"  # midtraining into a new out_dir, from the other run's checkpoint
+    pretrain(config(corpus, second, 2, **{"data.init_args.mix_weights_str": "main:0.6,math:0.4"}),
+             "--resume", str(find_latest(first)))
+    s_staged = json.loads((staged / "summary.json").read_text())
+    s_second = json.loads((second / "summary.json").read_text())
+    assert s_staged["tokens_by_source"] == s_second["tokens_by_source"]
+    assert s_staged["tokens_by_type"]["math"] > 0 and "code" in s_staged["tokens_by_type"]
+    losses = {**records(first), **records(second)}
+    assert losses == pytest.approx(records(staged), rel=1e-5, abs=1e-6)
+    history = json.loads((second / "mixture_history.json").read_text())
+    assert history[-1]["step"] == 4 and history[-1]["reason"].startswith("resume from")
+    assert [h["reason"] for h in json.loads((staged / "mixture_history.json").read_text())] == ["start", "stage"]
+
+
+def test_per_source_metrics_and_validation_sets(corpus, tmp_path):
+    out = tmp_path / "run"
+    pretrain(config(corpus, out, **{"eval.interval": 4, "eval.initial_validation": True}))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert all("train/main/loss" in r and "tokens/main" in r for r in train_rows)
+    assert train_rows[-1]["tokens/main"] + train_rows[-1]["tokens/code"] == 8 * 8 * 32
+    val_steps = [r["step"] for r in rows if "val/a/loss" in r and "val/b/ppl" in r]
+    assert val_steps == [0, 4, 8]
+
+
+def test_max_additional_steps_and_resume_errors(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(corpus, out)
+    pretrain(cfg, "--train.max_additional_steps", "2")
+    assert max(records(out)) == 2
+    with pytest.raises(MidtrainError, match="different model"):
+        pretrain(cfg, "--resume", "auto", "--model_config.n_embd", "64")
+    with pytest.raises(MidtrainError, match="used max_seq_length 32, this run 16"):
+        pretrain(cfg, "--resume", "auto", "--train.max_seq_length", "16")
+
+
+def test_resume_auto_skips_a_half_written_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(corpus, out)
+    pretrain(cfg, "--train.max_additional_steps", "4")
+    # what a kill -9 in the middle of writing step 6 leaves behind (tests/test_checkpoints.py kills for real)
+    (out / ".tmp-step-00000006").mkdir()
+    (out / ".tmp-step-00000006" / "lit_model.pth").write_bytes(b"partial")
+    broken = out / "step-00000006"
+    broken.mkdir()
+    (broken / "lit_model.pth").write_bytes(b"partial")
+    pretrain(cfg, "--resume", "auto")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # 1-4, then resumed at 4: 5-8
+    assert read_train_state(find_latest(out))["step"] == 8
+
+
+def _cli(cfg: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "midtrain", "pretrain", "--config", str(cfg), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_preemption_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(corpus, out, **{"train.max_steps": 400, "train.save_interval": None})
+    proc = _cli(cfg)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, "".join(lines) + rest
+    latest = find_latest(out)
+    state = read_train_state(latest)
+    assert state["reason"] == "preempted" and 3 <= state["step"] < 400
+
+
+def test_two_process_ddp_matches_one_process(corpus, tmp_path):
+    """Same global batch: LR per step identical, validation all-reduced to the same value."""
+    single = tmp_path / "single"
+    pretrain(config(corpus, single, **{"train.micro_batch_size": 2, "train.max_steps": 4,
+                                       "eval.initial_validation": True}))
+    ddp = tmp_path / "ddp"
+    cfg = config(corpus, ddp, **{"train.micro_batch_size": 2, "train.max_steps": 4, "devices": 2,
+                                 "eval.initial_validation": True})
+    start = time.time()
+    proc = _cli(cfg)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert time.time() - start < 300
+    assert records(ddp, "lr") == records(single, "lr")
+    for name in ("a", "b"):
+        # same initial weights (same seed), same windows split over 2 ranks, summed then averaged
+        assert records(ddp, f"val/{name}/loss")[0] == pytest.approx(records(single, f"val/{name}/loss")[0], rel=1e-5)
+    state = read_train_state(find_latest(ddp))
+    assert state["world_size"] == 2 and len(state["loader"]) == 2
+    assert json.loads((ddp / "summary.json").read_text())["tokens_seen"] == 4 * 8 * 32
