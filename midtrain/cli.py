@@ -7,6 +7,7 @@ table instead of training.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from collections.abc import Callable
@@ -45,6 +46,23 @@ def _parser(fn: Callable, prog: str) -> ArgumentParser:
     return parser
 
 
+def _repeatable_lists(fn: Callable, args: list[str]) -> list[str]:
+    """``--val a --val b`` means both: later repeats of a list option become jsonargparse's ``--val+``."""
+    list_params = {
+        name for name, p in inspect.signature(fn).parameters.items() if "list" in str(p.annotation).lower()
+    }
+    seen: set[str] = set()
+    out = []
+    for arg in args:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if name in list_params:
+            if name in seen:
+                arg = f"--{name}+" + arg[2 + len(name):]
+            seen.add(name)
+        out.append(arg)
+    return out
+
+
 def run(command: str, args: list[str]) -> Any:
     """Parse ``args`` for ``command`` and run it."""
     target = COMMANDS[command][0]
@@ -56,7 +74,7 @@ def run(command: str, args: list[str]) -> Any:
         register_litgpt_alias()
     fn = _load(target)
     parser = _parser(fn, f"midtrain {command}")
-    cfg = parser.parse_args(args)
+    cfg = parser.parse_args(_repeatable_lists(fn, args))
     init = parser.instantiate_classes(cfg)
     kwargs = {k: v for k, v in vars(init).items() if k != "config"}
     if command == "inspect":

@@ -1,0 +1,420 @@
+"""``midtrain evaluate``: validation loss of many checkpoints on many sets, into one CSV.
+
+A checkpoint is one of ours (``step-XXXXXXXX/`` with a ``COMPLETE`` marker, step and tokens seen
+from its ``train_state.json``) or a litgpt checkpoint directory (``lit_model.pth`` holding a plain
+state dict, plus ``model_config.yaml``). A validation set is
+
+* a token shard (a litdata directory with ``index.json``): a fixed, evenly spaced sample of
+  ``max_seq_length + 1`` token windows (:class:`~midtrain.data.sharded_mixed.ValWindows`), every
+  next-token prediction scored;
+* an SFT file (``.json`` list or ``.jsonl`` of records with ``instruction``, optional ``input``,
+  ``output``): prompts rendered by litgpt's ``PromptStyle``, tokenised with the checkpoint's
+  tokenizer, padded with ``ignore_index`` labels, so padding, and the prompt when
+  ``mask_prompt``, never count.
+
+The loss of a set is the token-weighted mean over every scored token, summed over all ranks.
+Rows already in the CSV, keyed by (checkpoint, set), are skipped, so a sweep can be re-run as new
+checkpoints appear; after each checkpoint the whole CSV is rewritten to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from litgpt.config import Config
+from litgpt.data.base import SFTDataset, get_sft_collate_fn
+from litgpt.model import GPT
+from litgpt.tokenizer import Tokenizer
+from litgpt.utils import load_checkpoint
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from midtrain.data.sharded_mixed import ValWindows
+from midtrain.data.shards import load_shard
+from midtrain.errors import MidtrainError
+from midtrain.train.checkpoints import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, is_complete, read_train_state
+from midtrain.train.runtime import build_fabric, sequence_losses
+
+COLUMNS = ("checkpoint", "step", "tokens_seen", "set", "loss", "ppl", "n_tokens")
+_STEP_NAME = re.compile(r"step-(\d+)")
+_SET_NAME = re.compile(r"[A-Za-z0-9_.\-/]+")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory and what its train state says about it (None for litgpt checkpoints)."""
+
+    path: Path
+    step: int | None = None
+    tokens_seen: int | None = None
+    max_seq_length: int | None = None
+
+
+@dataclass(frozen=True)
+class ValSet:
+    """A named validation set: a token shard directory or an SFT JSON/JSONL file."""
+
+    name: str
+    path: Path
+    kind: Literal["tokens", "sft"]
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def find_checkpoints(patterns: list[str] | str) -> list[Checkpoint]:
+    """Expand globs into checkpoints, sorted by path; incomplete ones are skipped with a printed note.
+
+    A pattern may also name a run directory: its ``step-*`` checkpoints are taken.
+    """
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    found: dict[Path, Checkpoint] = {}
+    for pattern in patterns:
+        for match in sorted(glob.glob(os.path.expanduser(pattern))) or [pattern]:
+            for path in _expand_run_dir(Path(match)):
+                checkpoint = _checkpoint(path)
+                if checkpoint is not None:
+                    found.setdefault(checkpoint.path, checkpoint)
+    if not found:
+        raise MidtrainError(
+            f"No checkpoint matches {patterns}. Give globs of checkpoint directories (e.g. 'runs/x/step-*', each "
+            f"with {MODEL_FILE}, {MODEL_CONFIG_FILE} and, for ours, a {MARKER_FILE} marker) or run directories."
+        )
+    return [found[p] for p in sorted(found)]
+
+
+def _expand_run_dir(path: Path) -> list[Path]:
+    if path.is_dir() and not (path / MODEL_FILE).exists():
+        steps = sorted(p for p in path.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir())
+        if steps:
+            return steps
+    return [path]
+
+
+def _checkpoint(path: Path) -> Checkpoint | None:
+    """The checkpoint at ``path``, or None (with a printed note) when it is not a usable one."""
+    path = path.resolve()
+    if not path.is_dir():
+        print(f"evaluate: skipping {path}: not a directory.")
+        return None
+    if (path / "train_state.json").exists():  # ours (a ``final/`` dir has none: a plain litgpt checkpoint)
+        if not is_complete(path):
+            print(f"evaluate: skipping incomplete checkpoint {path} (no {MARKER_FILE} marker or missing files).")
+            return None
+        state = read_train_state(path)
+        return Checkpoint(path, int(state["step"]), state.get("tokens_seen"), state.get("max_seq_length"))
+    missing = [name for name in (MODEL_FILE, MODEL_CONFIG_FILE) if not (path / name).is_file()]
+    if missing:
+        print(f"evaluate: skipping {path}: missing {', '.join(missing)}.")
+        return None
+    match = _STEP_NAME.fullmatch(path.name)
+    return Checkpoint(path, int(match.group(1)) if match else None)
+
+
+def parse_val_sets(specs: list[str] | str | dict[str, str]) -> list[ValSet]:
+    """``["c4=DIR", "pycode=FILE.json"]`` (or a mapping name -> path) into validated sets."""
+    if isinstance(specs, str):
+        specs = [specs]
+    pairs = list(specs.items()) if isinstance(specs, dict) else [_split_spec(s) for s in specs]
+    if not pairs:
+        raise MidtrainError("No validation set given; use --val name=PATH (a token shard directory or SFT JSON file).")
+    sets: list[ValSet] = []
+    for name, raw in pairs:
+        if not _SET_NAME.fullmatch(name):
+            raise MidtrainError(f"Validation set name {name!r} must use letters, digits, '_', '-', '.', '/' only.")
+        if any(s.name == name for s in sets):
+            raise MidtrainError(f"Validation set {name!r} is given twice.")
+        sets.append(ValSet(name, Path(raw).expanduser(), _kind(name, Path(raw).expanduser())))
+    return sets
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise MidtrainError(f"--val {spec!r} is not name=PATH (e.g. c4=data/val/c4 or sft=data/sft_val.json).")
+    return name.strip(), path.strip()
+
+
+def _kind(name: str, path: Path) -> Literal["tokens", "sft"]:
+    if path.is_dir() and (path / "index.json").is_file():
+        return "tokens"
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        return "sft"
+    problem = "does not exist" if not path.exists() else "is not a usable validation set"
+    raise MidtrainError(
+        f"Validation set {name!r}: {path} {problem}. Give a token shard directory (with index.json) "
+        "or an SFT file (.json list or .jsonl of instruction/input/output records)."
+    )
+
+
+def read_sft_records(path: Path) -> list[dict]:
+    """Records of an SFT ``.json`` (a list) or ``.jsonl`` file; each needs ``instruction`` and ``output``."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MidtrainError(f"SFT file {path} is not valid JSON: {err}") from err
+    if not isinstance(records, list) or not records:
+        raise MidtrainError(f"SFT file {path} must hold a non-empty list of records.")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not {"instruction", "output"} <= record.keys():
+            raise MidtrainError(
+                f"SFT file {path}: record {i} needs 'instruction' and 'output' keys (and optional 'input')."
+            )
+        record.setdefault("input", "")
+    return records
+
+
+# ------------------------------------------------------------------------------------- batches
+def even_subset(n: int, max_samples: int | None) -> list[int]:
+    """``max_samples`` evenly spaced indices of ``range(n)`` (all when None), like ``ValWindows``."""
+    k = n if max_samples is None else min(n, int(max_samples))
+    return [i * n // k for i in range(k)]
+
+
+def _shift_windows(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.stack(windows).long()
+    return x[:, :-1], x[:, 1:]
+
+
+def _shift_sft(samples: list[dict], collate) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = collate(samples)
+    return batch["input_ids"][:, :-1], batch["labels"][:, 1:]
+
+
+def token_loader(path: Path, seq_len: int, max_samples: int | None, batch_size: int) -> DataLoader:
+    """(inputs, targets) batches of fixed windows of a token shard, this rank's share."""
+    load_shard("val", "val", path).check_block_size(seq_len + 1)
+    windows = ValWindows(path, seq_len + 1, max_samples)
+    return DataLoader(windows, batch_size=batch_size, collate_fn=_shift_windows)
+
+
+def sft_loader(
+    records: list[dict],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    prompt_style: str,
+    mask_prompt: bool,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """(inputs, targets) batches of SFT examples, this rank's share; padding and masked tokens are -100."""
+    dataset = SFTDataset(records[rank::world_size], tokenizer, prompt_style, seq_len + 1, mask_prompt)
+    collate = partial(_shift_sft, collate=get_sft_collate_fn(pad_id=0, ignore_index=-100))
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+
+
+@torch.no_grad()
+def loss_sum_and_count(fabric: L.Fabric, model: torch.nn.Module, loader: DataLoader) -> tuple[float, int]:
+    """Summed token loss and number of scored tokens over ``loader``, all-reduced over ranks."""
+    total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+    for inputs, targets in loader:
+        loss_sum, count = sequence_losses(model(inputs.to(fabric.device)), targets.to(fabric.device))
+        total += torch.stack([loss_sum.sum().double(), count.sum().double()])
+    total = fabric.all_reduce(total, reduce_op="sum")
+    return float(total[0]), int(total[1])
+
+
+# -------------------------------------------------------------------------------------- model
+def load_model(fabric: L.Fabric, checkpoint: Checkpoint, seq_len: int) -> torch.nn.Module:
+    """The checkpoint's GPT (weights only), set up by Fabric, in eval mode."""
+    config = Config.from_file(checkpoint.path / MODEL_CONFIG_FILE)
+    if seq_len > config.block_size:
+        raise MidtrainError(
+            f"max_seq_length {seq_len} exceeds the block_size {config.block_size} of {checkpoint.path}."
+        )
+    with fabric.init_module(empty_init=True):
+        model = GPT(config)
+    model.max_seq_length = seq_len
+    model = fabric.setup_module(model)
+    try:
+        load_checkpoint(fabric, model, checkpoint.path / MODEL_FILE)
+    except (KeyError, RuntimeError) as err:
+        raise MidtrainError(f"{checkpoint.path / MODEL_FILE} does not fit its {MODEL_CONFIG_FILE}: {err}") from err
+    return model.eval()
+
+
+def checkpoint_tokenizer(checkpoint: Checkpoint, tokenizer_dir: Path | None) -> Tokenizer:
+    """``tokenizer_dir`` if given, else the tokenizer files stored in the checkpoint."""
+    directory = Path(tokenizer_dir) if tokenizer_dir is not None else checkpoint.path
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise MidtrainError(
+            f"SFT sets need a tokenizer, and {directory} has no tokenizer.json / tokenizer.model; "
+            "pass --tokenizer_dir or train with tokenizer_dir so checkpoints carry it."
+        )
+    return Tokenizer(directory)
+
+
+# ---------------------------------------------------------------------------------------- CSV
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of an evaluate CSV (empty when the file does not exist)."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is not None and tuple(reader.fieldnames) != COLUMNS:
+            raise MidtrainError(f"{path} has columns {reader.fieldnames}, not an evaluate CSV {list(COLUMNS)}.")
+        return list(reader)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Write all rows to a temp file next to ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def make_row(checkpoint: Checkpoint, set_name: str, loss_sum: float, n_tokens: int) -> dict:
+    if n_tokens == 0:
+        raise MidtrainError(f"Validation set {set_name!r} scored no tokens for {checkpoint.path}.")
+    loss = loss_sum / n_tokens
+    return {
+        "checkpoint": str(checkpoint.path),
+        "step": "" if checkpoint.step is None else checkpoint.step,
+        "tokens_seen": "" if checkpoint.tokens_seen is None else checkpoint.tokens_seen,
+        "set": set_name,
+        "loss": f"{loss:.6f}",
+        "ppl": f"{math.exp(loss) if loss < 700 else math.inf:.4f}",
+        "n_tokens": n_tokens,
+    }
+
+
+# -------------------------------------------------------------------------------------- command
+@dataclass(frozen=True)
+class EvalOptions:
+    """How every (checkpoint, set) pair is scored."""
+
+    max_samples: int | None = 512
+    batch_size: int = 8
+    max_seq_length: int | None = None
+    tokenizer_dir: Path | None = None
+    prompt_style: str = "alpaca"
+    mask_prompt: bool = True
+
+
+def evaluate(
+    checkpoints: list[str] | str,
+    val: list[str] | str | dict[str, str],
+    out: Path = Path("eval.csv"),
+    max_samples: int | None = 512,
+    batch_size: int = 8,
+    max_seq_length: int | None = None,
+    tokenizer_dir: Path | None = None,
+    prompt_style: str = "alpaca",
+    mask_prompt: bool = True,
+    devices: int | str = 1,
+    accelerator: str = "auto",
+    precision: str | None = None,
+    lm_eval_tasks: str | None = None,
+    lm_eval_limit: float | None = None,
+) -> list[dict] | None:
+    """Validation loss and perplexity of each checkpoint on each set, appended to one CSV.
+
+    Args:
+        checkpoints: Globs of checkpoint directories (``'runs/x/step-*'``: ours, with a COMPLETE marker;
+            or litgpt checkpoint dirs) or run directories. Incomplete checkpoints are skipped with a note.
+        val: Validation sets as ``name=PATH``; PATH is a token shard directory or an SFT ``.json``/``.jsonl``
+            file. Several: ``--val c4=DIR --val+ sft=FILE.json`` or ``--val '[c4=DIR, sft=FILE.json]'``.
+        out: The CSV (checkpoint, step, tokens_seen, set, loss, ppl, n_tokens). Rows already there, keyed by
+            (checkpoint, set), are skipped; use a new file after changing max_samples or max_seq_length.
+        max_samples: Evenly spaced windows (token sets) or examples (SFT sets) per set; None: all.
+        batch_size: Sequences per forward pass and device.
+        max_seq_length: Tokens of context per sequence; default: the checkpoint's training length, else
+            its block_size. SFT examples are truncated to it.
+        tokenizer_dir: Tokenizer for SFT sets; default: the tokenizer files in each checkpoint.
+        prompt_style: litgpt prompt style for SFT sets (``alpaca``, ``chatml``, ...).
+        mask_prompt: Score only the response tokens of SFT examples.
+        devices: Devices (processes); windows and examples are split across them and the sums all-reduced.
+        accelerator: ``auto``, ``cpu``, ``cuda``, ...
+        precision: Fabric precision; default ``32-true`` on CPU, ``bf16-mixed`` (or ``16-mixed``) on GPU.
+        lm_eval_tasks: Comma-separated lm-eval-harness tasks run on each checkpoint through litgpt
+            (needs ``lm_eval`` installed); results go to ``<out stem>_lm_eval/<run>-<checkpoint>/results.json``.
+        lm_eval_limit: Examples per lm-eval task (a fraction if < 1); None: all.
+
+    Returns:
+        All rows of the CSV (on rank 0; None on other ranks).
+    """
+    sets = parse_val_sets(val)
+    found = find_checkpoints(checkpoints)
+    if lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise MidtrainError("lm_eval_tasks needs lm-eval-harness: pip install 'lm_eval[hf]' (or drop --lm_eval_tasks).")
+    if precision is None and (accelerator == "cpu" or not torch.cuda.is_available()):
+        precision = "32-true"
+    fabric = build_fabric(devices, 1, precision, strategy="ddp", accelerator=accelerator)
+    options = EvalOptions(max_samples, batch_size, max_seq_length, tokenizer_dir, prompt_style, mask_prompt)
+    rows = fabric.launch(_evaluate_all, found, sets, Path(out), options)
+    if lm_eval_tasks and fabric.global_rank == 0:
+        run_lm_eval(found, lm_eval_tasks, Path(out), lm_eval_limit, batch_size)
+    return rows
+
+
+def _evaluate_all(
+    fabric: L.Fabric, checkpoints: list[Checkpoint], sets: list[ValSet], out: Path, options: EvalOptions
+) -> list[dict] | None:
+    rows = read_rows(out)
+    done = {(r["checkpoint"], r["set"]) for r in rows}
+    todo = {c: [s for s in sets if (str(c.path), s.name) not in done] for c in checkpoints}
+    skipped = len(checkpoints) * len(sets) - sum(map(len, todo.values()))
+    fabric.print(f"evaluate: {len(checkpoints)} checkpoints x {len(sets)} sets; {skipped} rows already in {out}.")
+    sft_records = {s.name: _subset(read_sft_records(s.path), options.max_samples) for s in sets if s.kind == "sft"}
+    bar = tqdm(total=sum(map(len, todo.values())), desc="evaluate", disable=fabric.global_rank != 0)
+    for checkpoint, pending in todo.items():
+        if not pending:
+            continue
+        seq_len = options.max_seq_length or checkpoint.max_seq_length or _block_size(checkpoint)
+        model = load_model(fabric, checkpoint, seq_len)
+        tokenizer: Tokenizer | None = None
+        for val_set in pending:
+            if val_set.kind == "tokens":
+                loader = token_loader(val_set.path, seq_len, options.max_samples, options.batch_size)
+            else:
+                tokenizer = tokenizer or checkpoint_tokenizer(checkpoint, options.tokenizer_dir)
+                loader = sft_loader(
+                    sft_records[val_set.name], tokenizer, seq_len, options.prompt_style, options.mask_prompt,
+                    options.batch_size, fabric.global_rank, fabric.world_size,
+                )  # fmt: skip
+            rows.append(make_row(checkpoint, val_set.name, *loss_sum_and_count(fabric, model, loader)))
+            bar.set_postfix_str(f"{checkpoint.path.name} {val_set.name} loss {rows[-1]['loss']}")
+            bar.update()
+        if fabric.global_rank == 0:
+            write_rows(out, rows)
+        fabric.barrier()
+    bar.close()
+    return rows if fabric.global_rank == 0 else None
+
+
+def _subset(records: list[dict], max_samples: int | None) -> list[dict]:
+    return [records[i] for i in even_subset(len(records), max_samples)]
+
+
+def _block_size(checkpoint: Checkpoint) -> int:
+    return Config.from_file(checkpoint.path / MODEL_CONFIG_FILE).block_size
+
+
+def run_lm_eval(checkpoints: list[Checkpoint], tasks: str, out: Path, limit: float | None, batch_size: int) -> None:
+    """litgpt's lm-eval-harness pass-through for each checkpoint (converts it to HF format first)."""
+    from litgpt.eval.evaluate import convert_and_evaluate
+
+    for checkpoint in checkpoints:
+        target = out.with_name(f"{out.stem}_lm_eval") / f"{checkpoint.path.parent.name}-{checkpoint.path.name}"
+        convert_and_evaluate(checkpoint.path, tasks=tasks, out_dir=target, limit=limit, batch_size=batch_size)
+        print(f"evaluate: lm-eval results for {checkpoint.path} in {target / 'results.json'}")

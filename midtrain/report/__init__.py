@@ -1,0 +1,1 @@
+"""Reports: plots and markdown summaries of training runs (``midtrain report``)."""
