@@ -27,7 +27,13 @@ from litgpt.utils import choose_logger, chunked_cross_entropy, instantiate_torch
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
 from midtrain.train.args import EvalArgs, TrainArgs
-from midtrain.train.checkpoints import load_checkpoint, read_train_state, resolve_resume, save_checkpoint
+from midtrain.train.checkpoints import (
+    find_latest,
+    load_checkpoint,
+    read_train_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from midtrain.train.runtime import (
     EXIT_PREEMPTED,
     MetricsLog,
@@ -141,7 +147,7 @@ def main(
         min_lr=train.min_lr,
         decay_fraction=train.lr_decay_fraction,
     )
-    checkpoint = resolve_resume(resume, out_dir)
+    checkpoint = _resume_point(fabric, resume, out_dir)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -370,6 +376,16 @@ def main(
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+def _resume_point(fabric: L.Fabric, resume: bool | Literal["auto"] | Path, out_dir: Path) -> Path | None:
+    """The checkpoint to start from. A run that already wrote checkpoints of its own continues from its newest
+    one even when ``resume`` names another run's checkpoint (a requeued midtraining job must not restart)."""
+    own = find_latest(out_dir) if out_dir.is_dir() else None
+    if own is not None and resume not in (False, None, "auto", True):
+        fabric.print(f"{out_dir} already has checkpoint {own.name}: continuing it instead of starting from {resume}.")
+        return own
+    return resolve_resume(resume, out_dir)
 
 
 def _hparams(local_vars: dict) -> dict:

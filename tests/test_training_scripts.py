@@ -1,0 +1,182 @@
+"""training_scripts/ and util_scripts/ without SLURM: bash -n, dry runs, requeue on exit 75, collect_runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "training_scripts"
+SHELL = sorted(SCRIPTS.glob("*.sbatch")) + sorted(SCRIPTS.glob("*.sh")) + sorted((REPO / "util_scripts").glob("*.sh"))
+TIMING = sorted((REPO / "midtrain_configs/ablations/timing").glob("*.yaml"))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict:
+    """A site file with MIDTRAIN_ROOT in tmp_path, stub srun/scontrol on PATH, MIDTRAIN_CMD a stub."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol.log\n')
+    (bin_ / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    stub = bin_ / "midtrain-stub"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/midtrain.log\nexit "${{STUB_EXIT:-0}}"\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    site = tmp_path / "site.sh"
+    site.write_text(f'SITE_SBATCH_ARGS=(--partition=p --account=a)\nPRETRAIN_SBATCH_ARGS=(--nodes=2)\n'
+                    f'MIDTRAIN_ROOT={tmp_path}/root\nMIDTRAIN_LOG_DIR={tmp_path}/logs\nsite_activate() {{ :; }}\n')
+    (tmp_path / "root").mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MIDTRAIN_", "DRY_RUN"))}
+    return {**clean, "PATH": f"{bin_}:{os.environ['PATH']}", "MIDTRAIN_SITE": str(site),
+            "MIDTRAIN_CMD": str(stub), "TMP": str(tmp_path)}
+
+
+def bash(script: str, *args: str, env: dict, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPTS / script), *args], env={**env, **extra}, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("path", SHELL, ids=lambda p: p.name)
+def test_bash_syntax(path: Path):
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    text = path.read_text()
+    if path.name not in ("site.example.sh", "lib.sh"):
+        assert "set -euo pipefail" in text
+
+
+def test_pretrain_sbatch_has_signal_and_requeue():
+    text = (SCRIPTS / "pretrain.sbatch").read_text()
+    assert "#SBATCH --signal=USR1@120" in text and "#SBATCH --requeue" in text
+    assert "scontrol" in (SCRIPTS / "lib.sh").read_text()
+
+
+def test_dry_run_array_over_three_configs(env, tmp_path):
+    lst = tmp_path / "three.txt"
+    paths = [str(p.relative_to(REPO)) for p in (REPO / "midtrain_configs/pretrain").glob("pythia-*.yaml")][:3]
+    lst.write_text("# three pretraining runs\n" + "\n".join(paths) + "\n")
+    out = bash("pretrain.sbatch", "--dry-run", str(lst), env=env, SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("[task")]
+    assert len(lines) == 3
+    for i, (line, path) in enumerate(zip(lines, paths)):  # a list file keeps its order
+        assert line.startswith(f"[task {i}] srun")
+        assert f"--config {REPO / path} " in line
+        assert "pretrain" in line and "--devices 4 --num_nodes 2" in line and "--resume auto" in line
+    for i, path in enumerate(paths):  # inside the array: only this task's command
+        one = bash("pretrain.sbatch", "--dry-run", str(lst), env=env, SLURM_ARRAY_TASK_ID=str(i))
+        assert one.stdout.count("[task") == 1 and str(REPO / path) in one.stdout
+    bad = bash("pretrain.sbatch", "--dry-run", str(lst), env=env, SLURM_ARRAY_TASK_ID="3")
+    assert bad.returncode != 0 and "only 3 configs" in bad.stderr
+
+
+def test_glob_is_sorted_and_overrides_pass_through(env):
+    out = bash("pretrain.sbatch", "--dry-run", "midtrain_configs/ablations/timing/*.yaml", "--", "--train.log_interval",
+               "7", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("[task")]
+    assert [line.split("--config ")[1].split()[0] for line in lines] == [str(p) for p in TIMING]
+    assert all(line.endswith("--train.log_interval 7") for line in lines)
+
+
+def test_midtraining_first_start_uses_its_start_checkpoint_then_resume_auto(env, tmp_path):
+    cfg = str(TIMING[0])
+    first = bash("pretrain.sbatch", "--dry-run", cfg, env=env)
+    assert "--resume auto" not in first.stdout  # --resume auto would start from scratch (empty out_dir)
+    ckpt = tmp_path / "root/out/pythia-70m/ablations/timing/code20-from20k/step-00030000"
+    ckpt.mkdir(parents=True)
+    assert "--resume auto" not in bash("pretrain.sbatch", "--dry-run", cfg, env=env).stdout  # incomplete
+    (ckpt / "COMPLETE").write_text("{}")
+    assert "--resume auto" in bash("pretrain.sbatch", "--dry-run", cfg, env=env).stdout  # requeued: continue
+
+
+def test_exit_75_requeues(env, tmp_path):
+    cfg = str(REPO / "midtrain_configs/pretrain/pythia-70m.yaml")
+    out = bash("pretrain.sbatch", cfg, env=env, STUB_EXIT="75", SLURM_JOB_ID="4242", SLURM_ARRAY_TASK_ID="0")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    ran = (tmp_path / "midtrain.log").read_text()
+    assert ran.startswith(f"pretrain --config {cfg} --devices 1 --num_nodes 1 --resume auto")
+
+
+def test_other_failures_do_not_requeue(env, tmp_path):
+    cfg = str(REPO / "midtrain_configs/pretrain/pythia-70m.yaml")
+    out = bash("pretrain.sbatch", cfg, env=env, STUB_EXIT="3", SLURM_JOB_ID="1")
+    assert out.returncode == 3
+    assert not (tmp_path / "scontrol.log").exists()
+    ok = bash("pretrain.sbatch", cfg, env=env, SLURM_JOB_ID="1")
+    assert ok.returncode == 0 and not (tmp_path / "scontrol.log").exists()
+
+
+def test_finetune_and_evaluate_dry_run(env, tmp_path):
+    out = bash("finetune.sbatch", "--dry-run", "midtrain_configs/finetune", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("[task") == len(list((REPO / "midtrain_configs/finetune").glob("*.yaml")))
+    assert " finetune --config " in out.stdout
+    ev = tmp_path / "eval.yaml"
+    ev.write_text("out_dir: out/eval\n")
+    out = bash("evaluate.sbatch", "--dry-run", str(ev), "--", "--batch_size", "8", env=env)
+    assert out.returncode == 0 and f"evaluate --config {ev} --batch_size 8" in out.stdout
+
+
+def test_submit_dry_run_uses_site_settings(env):
+    out = bash("submit.sh", "pretrain", "--dry-run", "midtrain_configs/ablations/timing", env=env)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("sbatch --partition=p --account=a --nodes=2 --array=0-3 ")
+    assert "--dry-run" not in first and out.stdout.count("[task") == 4
+
+
+def test_missing_site_file_is_a_clear_error(env, tmp_path):
+    out = bash("pretrain.sbatch", "--dry-run", str(TIMING[0]), env=env, MIDTRAIN_SITE=str(tmp_path / "nope.sh"))
+    assert out.returncode != 0 and "site.example.sh" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["collect_runs.py", "generate_paper_configs.py"])
+def test_python_util_help(script):
+    cmd = [sys.executable, str(REPO / "util_scripts" / script), "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_convert_help_and_checks(tmp_path):
+    script = str(REPO / "util_scripts/convert_for_hf.sh")
+    out = subprocess.run(["bash", script, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "convert_from_litgpt" in out.stdout and '"model"' in out.stdout
+    (tmp_path / "step-00000010").mkdir()
+    out = subprocess.run(["bash", script, str(tmp_path / "step-00000010"), str(tmp_path / "hf")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "not a complete midtrain checkpoint" in out.stderr
+
+
+def test_collect_runs(tmp_path):
+    run = tmp_path / "out/pythia-70m/midtrain/code20-from6k"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"step": 100, "max_steps": 100, "tokens_seen": 5000,
+                                                  "tokens_by_type": {"main": 4000, "code": 1000}}))
+    (run / "metrics.jsonl").write_text(
+        '{"step": 50, "val/c4/loss": 3.5}\n{"step": 100, "val/c4/loss": 3.25, "val/code/loss": 2.0}\n{"step": 1')
+    unfinished = tmp_path / "out/pythia-70m/pretrain"
+    unfinished.mkdir(parents=True)
+    (unfinished / "metrics.jsonl").write_text('{"step": 10, "loss": 9.0}\n')
+    (tmp_path / "out/eval.csv").write_text("checkpoint,set,loss\nckpt-a,c4,3.1\n")
+    csv_out, md_out = tmp_path / "runs.csv", tmp_path / "runs.md"
+    cmd = [sys.executable, str(REPO / "util_scripts/collect_runs.py"), str(tmp_path / "out"),
+           "--csv", str(csv_out), "--markdown", str(md_out)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    import csv
+
+    rows = {r["run"]: r for r in csv.DictReader(csv_out.open())}
+    mid = rows["pythia-70m/midtrain/code20-from6k"]
+    assert (mid["step"], mid["val/c4/loss"], mid["val/code/loss"], mid["tokens/code"]) == ("100", "3.25", "2.0", "1000")
+    assert rows["pythia-70m/pretrain"]["step"] == "unfinished"
+    assert rows["eval.csv"]["loss"] == "3.1" and rows["eval.csv"]["source"] == "evaluate"
+    assert "| pythia-70m/midtrain/code20-from6k | run | 100 |" in md_out.read_text()
+    empty = subprocess.run([sys.executable, cmd[1], str(tmp_path / "runs.md").rsplit("/", 1)[0] + "/out/pythia-70m/x"],
+                           capture_output=True, text=True)
+    assert empty.returncode != 0
