@@ -176,10 +176,15 @@ class MixedStream(IterableDataset):
             }
             yield {
                 "input_ids": torch.stack(rows),
-                "source": torch.from_numpy(picks.astype(np.int64)),
+                "source": picks.astype(np.int64),  # numpy: pickled inline, no shared-memory segment
                 "worker": worker,
                 "state": snapshot,
             }
+
+
+def _as_is(batch: dict) -> dict:
+    """Batches are built in the worker already; pass them through untouched."""
+    return batch
 
 
 class MixedLoader(DataLoader):
@@ -214,7 +219,11 @@ class MixedLoader(DataLoader):
             worker = int(batch.pop("worker"))
             self.worker_states[worker] = batch.pop("state")
             self.next_worker = (worker + 1) % workers
-            yield batch["input_ids"] if self.plain else batch
+            if self.plain:
+                yield batch["input_ids"]
+            else:
+                batch["source"] = torch.as_tensor(batch["source"])
+                yield batch
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable resume state of this rank's stream."""
