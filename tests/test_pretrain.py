@@ -193,3 +193,12 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     state = read_train_state(find_latest(ddp))
     assert state["world_size"] == 2 and len(state["loader"]) == 2
     assert json.loads((ddp / "summary.json").read_text())["tokens_seen"] == 4 * 8 * 32
+
+
+def test_token_accounting_survives_resume_between_log_steps(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(corpus, out, **{"train.log_interval": 3, "train.save_interval": 4})
+    pretrain(cfg, "--train.max_additional_steps", "5")  # checkpoints at 4 and 5; logs at 3 and 5
+    assert read_train_state(out / "step-00000004")["tokens_seen"] == 4 * 8 * 32
+    pretrain(cfg, "--resume", str(out / "step-00000004"), "--out_dir", str(tmp_path / "other"))
+    assert json.loads((tmp_path / "other" / "summary.json").read_text())["tokens_seen"] == 8 * 8 * 32

@@ -209,7 +209,19 @@ def main(
     if fabric.global_rank == 0:
         _write_json(out_dir / "mixture_history.json", history)
 
+    step_tokens = torch.zeros(len(data.shards), dtype=torch.int64)  # this rank, since the last flush
+    shard_index = {s.id: i for i, s in enumerate(data.shards)}
+
+    def flush_tokens() -> None:
+        """Add every rank's tokens since the last flush to ``tokens_by_source``."""
+        counts = fabric.all_reduce(step_tokens.to(fabric.device), reduce_op="sum").cpu()
+        for sid, i in shard_index.items():
+            if counts[i]:
+                tokens_by_source[sid] = tokens_by_source.get(sid, 0) + int(counts[i])
+        step_tokens.zero_()
+
     def save(reason: str) -> Path:
+        flush_tokens()
         loader_states = gather_objects(fabric, loader.state_dict())
         train_state = {
             "step": step,
@@ -254,8 +266,6 @@ def main(
     # ---- the loop: one iteration = one optimizer step -----------------------------------------
     train_iter = iter(loader)
     sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)  # per type: loss, sequences
-    step_tokens = torch.zeros(len(data.shards), dtype=torch.int64)
-    shard_index = {s.id: i for i, s in enumerate(data.shards)}
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -307,10 +317,7 @@ def main(
 
         if step % train.log_interval == 0 or step == end_step:
             reduced = fabric.all_reduce(torch.cat([sums.flatten(), step_loss.double().view(1)]), reduce_op="sum")
-            counts = fabric.all_reduce(step_tokens.to(fabric.device), reduce_op="sum").cpu()
-            for sid, i in shard_index.items():
-                if counts[i]:
-                    tokens_by_source[sid] = tokens_by_source.get(sid, 0) + int(counts[i])
+            flush_tokens()
             per_type = reduced[:-1].view(len(types), 2)
             now = time.perf_counter()
             window_steps = step - window_start_step
@@ -337,7 +344,6 @@ def main(
                 f"{metrics['tokens_per_sec_per_device']:,.0f} tok/s/device"
             )
             sums.zero_()
-            step_tokens.zero_()
             t_window, window_start_step = now, step
 
         if val_loaders and eval.interval and step % eval.interval == 0 and step != end_step:
