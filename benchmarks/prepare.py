@@ -9,7 +9,8 @@ are compared as a multiset) and prints tokens/s and the ratio.
 
     .venv/bin/python benchmarks/prepare.py --mb 8 --workers 2
 
-Wall time includes each approach's start-up (worker processes, imports), which is what a user waits for.
+Wall time includes each approach's start-up (worker processes, imports), which is what a user waits for;
+CPU seconds (this process plus its finished workers) show the work done, independent of machine load.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -63,18 +65,28 @@ def make_input(work: Path, megabytes: float, files: int) -> tuple[list[str], Pat
     return paths, Path(info["tokenizer_dir"])
 
 
-def run_midtrain(paths: list[str], tokenizer_dir: Path, out: Path, workers: int) -> float:
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (worker pools are joined before we read it)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(fn, *args) -> tuple[float, float]:
+    """Wall and CPU seconds of ``fn(*args)``."""
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    fn(*args)
+    return time.perf_counter() - wall, _cpu_seconds() - cpu
+
+
+def run_midtrain(paths: list[str], tokenizer_dir: Path, out: Path, workers: int) -> None:
     from midtrain.data.prepare import prepare
 
-    start = time.perf_counter()
     prepare(paths, type="main", data_path=out, tokenizer_dir=tokenizer_dir, num_workers=workers)
-    return time.perf_counter() - start
 
 
-def run_fork(paths: list[str], tokenizer_dir: Path, out: Path, workers: int, chunk_tokens: int) -> float:
+def run_fork(paths: list[str], tokenizer_dir: Path, out: Path, workers: int, chunk_tokens: int) -> None:
     from litdata import TokensLoader, optimize
 
-    start = time.perf_counter()
     optimize(
         fn=partial(fork_tokenize, tokenizer_dir=str(tokenizer_dir)),
         inputs=paths,
@@ -84,7 +96,6 @@ def run_fork(paths: list[str], tokenizer_dir: Path, out: Path, workers: int, chu
         item_loader=TokensLoader(),
         verbose=False,
     )
-    return time.perf_counter() - start
 
 
 def document_multiset(shard: Path, eos_id: int) -> tuple[Counter, int]:
@@ -113,8 +124,8 @@ def main() -> None:
     paths, tokenizer_dir = make_input(work, args.mb, args.files)
     chunk_tokens = 1 << 21
 
-    t_fork = run_fork(paths, tokenizer_dir, work / "fork", args.workers, chunk_tokens)
-    t_mid = run_midtrain(paths, tokenizer_dir, work / "midtrain", args.workers)
+    t_fork, cpu_fork = timed(run_fork, paths, tokenizer_dir, work / "fork", args.workers, chunk_tokens)
+    t_mid, cpu_mid = timed(run_midtrain, paths, tokenizer_dir, work / "midtrain", args.workers)
 
     eos = _litgpt_tokenizer(str(tokenizer_dir)).eos_id
     docs_mid, n_mid = document_multiset(work / "midtrain" / "1", eos)
@@ -126,14 +137,14 @@ def main() -> None:
         f"\ninput: {len(paths)} JSONL files, {mb:.1f} MB, {sum(docs_mid.values()):,} documents; "
         f"{args.workers} workers on {os.cpu_count()} CPUs; tokenizer {tokenizer_dir}"
     )
-    print(f"| {'method':<52} | {'tokens':>10} | {'seconds':>7} | {'tokens/s':>10} | {'ratio':>5} |")
-    print(f"|{'-' * 54}|{'-' * 12}|{'-' * 9}|{'-' * 12}|{'-' * 7}|")
+    print(f"| {'method':<52} | {'tokens':>10} | {'wall s':>7} | {'tokens/s':>10} | {'ratio':>5} | {'CPU s':>6} |")
+    print(f"|{'-' * 54}|{'-' * 12}|{'-' * 9}|{'-' * 12}|{'-' * 7}|{'-' * 8}|")
     rows = [
-        ("litdata optimize + litgpt Tokenizer.encode per doc", n_fork, t_fork),
-        ("midtrain prepare (batched Rust tokenizers, workers)", n_mid, t_mid),
+        ("litdata optimize + litgpt Tokenizer.encode per doc", n_fork, t_fork, cpu_fork),
+        ("midtrain prepare (batched Rust tokenizers, workers)", n_mid, t_mid, cpu_mid),
     ]
-    for name, n, t in rows:
-        print(f"| {name:<52} | {n:>10,} | {t:>7.2f} | {n / t:>10,.0f} | {t_fork / t:>4.2f}x |")
+    for name, n, t, cpu in rows:
+        print(f"| {name:<52} | {n:>10,} | {t:>7.2f} | {n / t:>10,.0f} | {t_fork / t:>4.2f}x | {cpu:>6.1f} |")
     print(f"\nsame token sequences (documents as a multiset): {'yes' if same else 'NO'}")
     if not same:
         raise SystemExit(1)

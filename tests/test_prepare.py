@@ -82,6 +82,7 @@ def _prepare(inputs, data_path, tok_dir, **kw) -> Path:
     return prepare(inputs, data_path=data_path, tokenizer_dir=tok_dir, **kw)
 
 
+@pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 def test_round_trip_through_litdata_streaming_dataset(tmp_path, tok_dir, litgpt_tok):
     import torch
     from litdata import StreamingDataset, TokensLoader
@@ -275,6 +276,8 @@ def test_empty_inputs_are_clear_errors(tmp_path, tok_dir):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(MidtrainError, match="holds no"):
         _prepare(str(tmp_path / "emptydir"), data, tok_dir)
+    with pytest.raises(MidtrainError, match=r"no column 'content' \(columns: \['id', 'text'\]\)"):
+        _prepare(_parquet(tmp_path, DOCS), data, tok_dir, text_key="content")
     blank = tmp_path / "blank.jsonl"
     blank.write_text('\n{"text": ""}\n\n')
     with pytest.raises(MidtrainError, match="No training documents"):
@@ -321,8 +324,15 @@ def test_shard_names_types_and_argument_errors(tmp_path, tok_dir):
     assert ids == {"main/1": "main", "main/2": "main", "c5": "code", "pm1": "pubmed"}
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def _tree(root: Path) -> dict[str, bytes | dict]:
+    """Every file's bytes; index.json parsed, without litdata's ``updated_at`` timestamp."""
+    tree: dict[str, bytes | dict] = {}
+    for p in sorted(root.rglob("*")):
+        if p.name == "index.json":
+            tree[str(p.relative_to(root))] = {k: v for k, v in json.loads(p.read_text()).items() if k != "updated_at"}
+        elif p.is_file():
+            tree[str(p.relative_to(root))] = p.read_bytes()
+    return tree
 
 
 def test_demo_corpus_is_deterministic_and_discoverable(tmp_path):

@@ -20,6 +20,7 @@ between Python versions). The whole directory is built in a hidden sibling and r
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from midtrain.data.prepare import (
     VAL_DIR,
-    ShardStats,
+    TokenizerSpec,
     load_tokenizer_spec,
     tokenize_to_shard,
 )
@@ -40,6 +41,7 @@ from midtrain.errors import MidtrainError
 EOS = "<|endoftext|>"
 DEMO_MARKER = "demo.json"
 DEMO_VERSION = 1
+DEFAULT_VOCAB_SIZE = 4096
 # Characters of raw text per domain at scale 1.0 (about 1M tokens, ~2 MB of uint16 tokens in all).
 CODE_CHARS = 1_600_000
 PROSE_CHARS = 1_000_000
@@ -48,6 +50,8 @@ SFT_EXAMPLES = 300
 VAL_FRACTION = 0.05
 MAX_FILE_BYTES = 200_000
 MAX_DOC_CHARS = 16_000
+# Small chunks, so litdata can spread every shard over several ranks and loader workers.
+CHUNK_TOKENS = 16_384
 MIN_DOCS = 4  # per domain: two training shards and a validation set need documents
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
 _SKIP_DIRS |= {"encodings", "pydoc_data", "ensurepip"}  # tables, the prose source, wheels
@@ -301,7 +305,7 @@ def sft_examples(files: list[Path], rng: random.Random, limit: int) -> list[dict
 # --------------------------------------------------------------------------------------------
 
 
-def train_bpe_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 4096) -> Path:
+def train_bpe_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
     """Train a byte-level BPE tokenizer with ``<|endoftext|>`` as EOS; write a litgpt tokenizer dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -344,7 +348,8 @@ def _split(docs: list[str], rng: random.Random, val_fraction: float) -> tuple[li
     return docs[n_val:], docs[:n_val]
 
 
-def _write(docs: list[str], path: Path, spec, label: str, seed: int) -> int:
+def _write(docs: list[str], path: Path, spec: TokenizerSpec, label: str, seed: int) -> int:
+    """Tokenise ``docs`` into the shard ``path``; return its token count."""
     digest = hashlib.sha256("\0".join(docs).encode("utf-8", "surrogatepass")).hexdigest()
     manifest = {
         "type": label.split("/")[0],
@@ -355,7 +360,7 @@ def _write(docs: list[str], path: Path, spec, label: str, seed: int) -> int:
     }
     if path.parent.name == VAL_DIR:
         manifest["split"] = "val"
-    stats = tokenize_to_shard(docs, path, spec, manifest, num_workers=0, stats=ShardStats(), desc=f"demo {label}")
+    stats = tokenize_to_shard(docs, path, spec, manifest, chunk_tokens=CHUNK_TOKENS, desc=f"demo {label}")
     return stats.tokens
 
 
@@ -379,7 +384,7 @@ def _existing(data_path: Path, settings: dict) -> dict | None:
     return None
 
 
-def build_demo_corpus(data_path: Path, seed: int = 0, scale: float = 1.0, vocab_size: int = 4096) -> dict:
+def build_demo_corpus(data_path: Path, seed: int = 0, scale: float = 1.0, vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict:
     """Build (or reuse) the demo corpus at ``data_path``; return what was built.
 
     Args:
@@ -437,6 +442,11 @@ def _domains(settings: dict) -> tuple[dict[str, list[str]], list[dict]]:
     return docs, sft_examples(sft_pool, rng, max(20, int(SFT_EXAMPLES * scale)))
 
 
+def demo_documents(seed: int = 0, scale: float = 1.0) -> dict[str, list[str]]:
+    """The demo's raw documents per domain (``main``, ``code``, ``math``), before the validation split."""
+    return _domains(_settings(seed, scale, DEFAULT_VOCAB_SIZE))[0]
+
+
 def _build(root: Path, settings: dict) -> dict:
     seed = settings["seed"]
     rng = random.Random(seed + 1)
@@ -444,7 +454,8 @@ def _build(root: Path, settings: dict) -> dict:
     splits = {domain: _split(d, rng, VAL_FRACTION) for domain, d in docs.items()}
     train_texts = [t for train, _ in splits.values() for t in train]
     tok_dir = train_bpe_tokenizer(train_texts, root / "tokenizer", settings["vocab_size"])
-    spec = load_tokenizer_spec(tok_dir)
+    # Manifests record the tokenizer relative to data_path: the build directory is renamed afterwards.
+    spec = dataclasses.replace(load_tokenizer_spec(tok_dir), directory="tokenizer")
     shards = {}
     for domain, names in (("main", ["1", "2"]), ("code", ["c1", "c2"]), ("math", ["m1"])):
         train = splits[domain][0]

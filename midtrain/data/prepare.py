@@ -53,8 +53,8 @@ from midtrain.errors import MidtrainError
 
 MANIFEST_NAME = "prepare.json"
 VAL_DIR = "val"
-BATCH_DOCS = 256
-BATCH_CHARS = 1 << 20
+BATCH_DOCS = 128
+BATCH_CHARS = 1 << 18
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 PARQUET_SUFFIXES = (".parquet",)
@@ -266,12 +266,14 @@ def _iter_hf(path: Path, text_key: str, skip_bad: bool, stats: ReadStats) -> Ite
     ds = datasets.load_from_disk(str(path))
     if text_key not in ds.column_names:
         raise MidtrainError(f"Dataset {path} has no column {text_key!r} (columns: {ds.column_names}); pass --text_key.")
-    for row, text in enumerate(ds.select_columns([text_key]).to_iterable_dataset(), start=1):
-        value = text[text_key]
-        if isinstance(value, str):
-            yield value
-        else:
-            stats.bad(f"{path} row {row}", f"{text_key!r} is {type(value).__name__}, not a string", skip_bad)
+    row = 0
+    for batch in ds.select_columns([text_key]).iter(batch_size=4096):
+        for value in batch[text_key]:
+            row += 1
+            if isinstance(value, str):
+                yield value
+            else:
+                stats.bad(f"{path} row {row}", f"{text_key!r} is {type(value).__name__}, not a string", skip_bad)
 
 
 def iter_documents(
@@ -490,8 +492,11 @@ def encode_batches(
 
 
 def _pool(num_workers: int, spec: TokenizerSpec) -> ProcessPoolExecutor:
-    """Worker pool; forked on Linux (workers start instantly: importing midtrain.data pulls in litgpt,
-    which would cost seconds per spawned worker), spawned elsewhere."""
+    """Worker pool: forked on Linux, spawned elsewhere.
+
+    Forked workers start instantly; spawned ones re-import the caller's main module (for the CLI that
+    means litgpt and Lightning: seconds per worker).
+    """
     method = "fork" if sys.platform == "linux" and "fork" in get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(num_workers, mp_context=get_context(method), initializer=_init_worker, initargs=(spec,))
 
@@ -536,6 +541,13 @@ def input_record(src: InputSource) -> dict:
         sha = _sha256_file(src.path).hexdigest()
     size = sum(f.stat().st_size for f in src.files)
     return {"path": str(src.path), "kind": src.kind, "bytes": size, "sha256": sha}
+
+
+def _input_records(sources: list[InputSource]) -> list[dict]:
+    total = sum(f.stat().st_size for src in sources for f in src.files)
+    if total > 1 << 30:
+        print(f"midtrain prepare: hashing {len(sources)} inputs ({total / 1e9:.1f} GB) to detect duplicates ...")
+    return [input_record(src) for src in sources]
 
 
 def read_manifests(data_path: Path) -> dict[Path, dict]:
@@ -876,7 +888,7 @@ def prepare(
     data_path.mkdir(parents=True, exist_ok=True)
     manifests = read_manifests(data_path)
     check_tokenizer(manifests, spec)
-    records = [input_record(src) for src in sources]
+    records = _input_records(sources)
     settings = {"type": type, "text_key": text_key, "val_tokens": val_tokens, "val_fraction": val_fraction}
     existing = find_prepared(manifests, records, settings)
     if existing is not None:
