@@ -225,3 +225,24 @@ def test_mix_config_file_yaml_and_json(tree, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"mix_weights": "main:1"}))
     with pytest.raises(MidtrainError, match="unknown field"):
         ShardedMixedDataset(data_path=tree, mix_config_path=str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("skip", [0, 1, 99, 100, 101, 250, 351])
+def test_fast_forward_equals_reading(tree, skip):
+    """Skipping whole chunks by litdata's interval bookkeeping lands exactly where reading would."""
+    from litdata import StreamingDataset, TokensLoader
+
+    from midtrain.data.mixed_stream import _fast_forward
+
+    def fresh():
+        ds = StreamingDataset(str(tree / "1"), item_loader=TokensLoader(block_size=SEQ + 1), shuffle=True, seed=3)
+        ds.set_epoch(2)
+        iter(ds)
+        return ds
+
+    read = fresh()
+    for _ in range(skip):
+        next(read)
+    jumped = fresh()
+    _fast_forward(jumped, skip)
+    assert [next(read)[0].item() for _ in range(5)] == [next(jumped)[0].item() for _ in range(5)]
