@@ -1,0 +1,487 @@
+"""``midtrain finetune``: full fine-tuning from a checkpoint, with replay of pretraining shards.
+
+One readable loop, the same shape as ``midtrain pretrain``: the SFT data comes from a litgpt data
+module (``JSON``, ``Alpaca``, ... with their prompt styles and ``mask_prompt``); ``replay.ratio`` of
+the sequences of every optimizer step come from pretraining shards (layout: ``midtrain.data.replay``).
+
+* **Loss.** The mean over all scored tokens of the optimizer step (all micro-batches, all
+  processes): SFT response tokens (prompt tokens too when ``mask_prompt`` is off) and every
+  next-token target of the replay sequences; padding never counts. ``ratio: 0`` is plain SFT.
+* **Length.** ``train.max_steps`` optimizer steps, or ``epochs`` over the SFT training split:
+  ``max_steps = ceil(epochs * n_train / sft_sequences_per_step)``. Epochs run back to back (a step
+  may straddle two), each a fresh seeded permutation (``midtrain.data.sft``).
+* **State.** Optimizer state is not taken from the pretraining checkpoint. A checkpoint of this
+  run holds model, optimizer, step, SFT samples consumed and every process's replay-stream state,
+  so ``resume`` continues exactly (the same per-step losses as an uninterrupted run).
+* **Validation.** ``val/sft/loss`` on the data module's validation split and ``val/<name>/loss``
+  on pretraining-shard sets (``val_data_path`` and ``replay.data.val_data_path``), at
+  ``eval.interval`` and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from litgpt.config import Config
+from litgpt.data import DataModule
+from litgpt.model import GPT
+from litgpt.tokenizer import Tokenizer
+from litgpt.utils import choose_logger, instantiate_torch_optimizer, num_parameters
+from torch.utils.data import DataLoader
+
+from midtrain.data.replay import Replay, spread
+from midtrain.data.sft import SFTOrder, StepBatches, scored_fraction, sft_rows, sft_val_loader, shifted_batch
+from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
+from midtrain.data.shards import load_shard
+from midtrain.errors import MidtrainError
+from midtrain.train.args import EvalArgs, TrainArgs
+from midtrain.train.checkpoints import (
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    find_latest,
+    load_checkpoint,
+    read_train_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from midtrain.train.pretrain import _check_compatible, _hparams, _load_weights, _rank_loader_state, _write_json
+from midtrain.train.runtime import (
+    EXIT_PREEMPTED,
+    MetricsLog,
+    PreemptionFlag,
+    build_fabric,
+    evaluate_sets,
+    gather_objects,
+    sequence_losses,
+    tokenizer_fingerprint,
+    val_metrics,
+)
+from midtrain.train.schedules import LRSchedule, lr_at
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def setup(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune"),
+    precision: str | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    data: DataModule | None = None,
+    replay: Replay | None = None,
+    val_data_path: dict[str, Path] | None = None,
+    train: TrainArgs = TrainArgs(),
+    epochs: float | None = None,
+    eval: EvalArgs = EvalArgs(interval=100),
+    optimizer: str | dict = "AdamW",
+    resume: bool | Literal["auto"] | Path = False,
+    tokenizer_dir: Path | None = None,
+    logger_name: Literal["wandb", "tensorboard", "csv"] = "csv",
+    seed: int = 42,
+    preemption_signal: str | None = "SIGUSR1",
+) -> None:
+    """Fine-tune all weights of a checkpoint on instruction data, optionally replaying pretraining shards.
+
+    Args:
+        checkpoint_dir: Model to start from: one of our checkpoints (``step-*``), a run directory (its newest
+            checkpoint) or a litgpt checkpoint directory; needs ``lit_model.pth`` and ``model_config.yaml``.
+        out_dir: Run directory: checkpoints ``step-XXXXXXXX/``, ``metrics.jsonl``, ``summary.json``.
+        precision: Fabric precision (``bf16-mixed``, ``32-true``, ...); default picks the best supported.
+        devices: Devices per node.
+        num_nodes: Number of nodes.
+        accelerator: ``auto``, ``cpu`` or ``cuda``.
+        strategy: ``auto`` (FSDP on several GPUs, DDP over gloo on CPU), ``ddp`` or ``fsdp``.
+        data: A litgpt SFT data module (``litgpt.data.JSON``, ``Alpaca``, ...).
+        replay: ``{ratio, data}``: the fraction of every step's sequences drawn from pretraining shards.
+        val_data_path: Pretraining-shard validation sets ``name -> shard directory`` (forgetting), besides
+            those in ``replay.data.val_data_path``.
+        train: Length, batch sizes, LR schedule (warmup fraction, cosine/constant, ...), clipping, checkpoints.
+        epochs: Length in epochs over the SFT training split instead of ``train.max_steps``.
+        eval: Validation interval and sample budget per set.
+        optimizer: A torch optimizer name or ``{class_path, init_args}``; its state starts fresh.
+        resume: ``auto`` (newest complete checkpoint in ``out_dir``, else start fresh), True, a checkpoint of
+            a fine-tuning run, or False.
+        tokenizer_dir: Tokenizer directory (default: ``checkpoint_dir``).
+        logger_name: Extra logger besides ``metrics.jsonl``.
+        seed: Seed for the SFT sample order.
+        preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
+    """
+    if data is None:
+        raise MidtrainError(
+            "data is not set; configure a litgpt SFT data module under `data:` (e.g. litgpt.data.JSON)."
+        )
+    base = _resolve_base(Path(checkpoint_dir))
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else base
+    if not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise MidtrainError(
+            f"No tokenizer ({' or '.join(TOKENIZER_FILES)}) in {tokenizer_dir}; pass tokenizer_dir, the tokenizer "
+            "the checkpoint was pretrained with."
+        )
+    if (epochs is None) == (train.max_steps is None):
+        raise MidtrainError("Give exactly one of train.max_steps or epochs for the fine-tuning length.")
+    if epochs is not None and epochs <= 0:
+        raise MidtrainError(f"epochs must be > 0, got {epochs}.")
+    replay = replay or Replay()
+    replay_data = replay.build()
+    config = Config.from_file(base / MODEL_CONFIG_FILE)
+    hparams = _hparams(locals())
+    fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
+    replay.sequences_per_step(train.global_batch_size, fabric.world_size)  # fail before launching
+    fabric._loggers = [
+        choose_logger(logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval)
+    ]
+    fabric.launch(
+        main, config, base, tokenizer_dir, data, replay, replay_data, val_data_path or {}, Path(out_dir), train, epochs,
+        eval, optimizer, resume, seed, preemption_signal, hparams,
+    )  # fmt: skip
+
+
+def main(
+    fabric: L.Fabric,
+    config: Config,
+    base: Path,
+    tokenizer_dir: Path,
+    data: DataModule,
+    replay: Replay,
+    replay_data: ShardedMixedDataset | None,
+    val_paths: dict[str, Path],
+    out_dir: Path,
+    train: TrainArgs,
+    epochs: float | None,
+    eval: EvalArgs,
+    optimizer_cfg: str | dict,
+    resume: bool | Literal["auto"] | Path,
+    seed: int,
+    preemption_signal: str | None,
+    hparams: dict,
+) -> None:
+    preempt = PreemptionFlag(preemption_signal)
+    world, rank = fabric.world_size, fabric.global_rank
+    accum = train.gradient_accumulation_iters(world)
+    seq_len = train.max_seq_length or config.block_size
+    n_replay = replay.sequences_per_step(train.global_batch_size, world)
+    n_sft = train.global_batch_size - n_replay
+    replay_counts = spread(n_replay // world, accum)  # this process's replay sequences per micro-batch
+    checkpoint = resolve_resume(resume, out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- SFT data (litgpt module), replay stream, validation sets ------------------------------
+    tokenizer = Tokenizer(tokenizer_dir)
+    if tokenizer.vocab_size > config.padded_vocab_size:
+        raise MidtrainError(
+            f"The tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens, the model only "
+            f"{config.padded_vocab_size}; they do not belong together."
+        )
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len + 1)
+    with fabric.rank_zero_first():
+        data.prepare_data()
+    data.setup()
+    train_set = data.train_dataloader().dataset
+    val_set = data.val_dataloader().dataset
+    if len(train_set) < n_sft:
+        raise MidtrainError(
+            f"The SFT training split has {len(train_set)} samples, fewer than one step needs ({n_sft})."
+        )
+    _check_scored(train_set, val_set, seq_len, eval.max_samples, fabric)
+    if epochs is not None:
+        train = dataclasses.replace(train, max_steps=math.ceil(epochs * len(train_set) / n_sft))
+    train.validate()
+    eval_batch = eval.batch_size or train.micro_batch_size
+    val_loaders: dict[str, DataLoader] = {}
+    if len(val_set):
+        val_loaders["sft"] = sft_val_loader(val_set, eval_batch, eval.max_samples, rank, world)
+    shard_sets = list((replay_data.val_paths if replay_data else {}).items()) + list(val_paths.items())
+    for name, path in shard_sets:
+        if name in val_loaders:
+            raise MidtrainError(f"Validation set name {name!r} is used twice; names must be unique (and not 'sft').")
+        path = Path(path)
+        if not path.is_dir():
+            raise MidtrainError(f"Validation set {name!r}: {path} does not exist.")
+        load_shard(name, "val", path).check_block_size(seq_len + 1)
+        val_loaders[name] = DataLoader(ValWindows(path, seq_len + 1, eval.max_samples), batch_size=eval_batch)
+    replay_loader = None
+    if n_replay:
+        replay_data.connect(tokenizer, batch_size=n_replay // world, max_seq_length=seq_len, with_source=True)
+        replay_loader = replay_data.train_dataloader()
+
+    # ---- model and optimizer (fresh; weights from the base checkpoint unless resuming) ---------
+    fabric.seed_everything(seed)
+    with fabric.init_module(empty_init=True):  # every weight is loaded below
+        model = GPT(config)
+    if train.tie_embeddings:
+        model.transformer.wte.weight = model.lm_head.weight
+    if checkpoint is None:
+        _load_weights(fabric, model, base)
+    model.max_seq_length = seq_len
+    fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, sequence length {seq_len}.")
+    model = fabric.setup(model)
+    optimizer = instantiate_torch_optimizer(optimizer_cfg, model.parameters(), fused=fabric.device.type == "cuda")
+    optimizer = fabric.setup_optimizers(optimizer)
+    base_lr = optimizer.param_groups[0]["lr"]
+    schedule = LRSchedule(
+        name=train.lr_schedule,
+        warmup_steps=train.lr_warmup_steps,
+        warmup_fraction=train.lr_warmup_fraction,
+        min_lr=train.min_lr,
+        decay_fraction=train.lr_decay_fraction,
+    )
+    fabric.print(f"LR schedule: {schedule.describe(base_lr, train.max_steps)}.")
+
+    # ---- state: fresh or resumed -------------------------------------------------------------------
+    step, sft_consumed = 0, 0
+    counts = {"sft_tokens": 0, "replay_tokens": 0}  # scored tokens so far
+    replay_by_source: dict[str, int] = {}
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    if checkpoint is not None:
+        saved = read_train_state(checkpoint)
+        if "sft" not in saved:
+            raise MidtrainError(
+                f"{checkpoint} is not a fine-tuning checkpoint; to start from pretrained weights use checkpoint_dir."
+            )
+        if saved["sft"]["train_samples"] != len(train_set):
+            raise MidtrainError(
+                f"The SFT training split had {saved['sft']['train_samples']} samples at {checkpoint} and has "
+                f"{len(train_set)} now; the saved data position would mean something else."
+            )
+        _check_compatible(saved, config, seq_len, fingerprint, checkpoint)
+        load_checkpoint(fabric, checkpoint, {"model": model, "optimizer": optimizer})
+        step, sft_consumed = int(saved["step"]), int(saved["sft"]["consumed"])
+        counts = {k: int(saved["tokens"][k]) for k in counts}
+        replay_by_source = dict(saved["replay"]["tokens_by_source"])
+        if replay_loader is not None and saved["replay"]["loader"]:
+            replay_loader.load_state_dict(_rank_loader_state(fabric, saved["replay"]["loader"]))
+        fabric.print(f"Resumed from {checkpoint} at optimizer step {step} ({sft_consumed} SFT samples consumed).")
+    else:
+        fabric.print(f"Fine-tuning {base} (fresh optimizer).")
+    order = SFTOrder(len(train_set), seed)
+    sft_loader = DataLoader(
+        train_set,
+        batch_sampler=StepBatches(order, sft_consumed, n_sft, rank, world),
+        num_workers=getattr(data, "num_workers", 0),
+        collate_fn=list,
+    )
+    fabric.print(
+        f"Per step: {train.global_batch_size} sequences = {n_sft} SFT + {n_replay} replay "
+        f"(replay per micro-batch on each process: {replay_counts}); SFT train {len(train_set)} samples, "
+        f"{train.max_steps} steps = {train.max_steps * n_sft / len(train_set):.2f} epochs; "
+        f"validation sets: {', '.join(val_loaders) or 'none'}."
+    )
+
+    end_step = train.max_steps
+    if train.max_additional_steps is not None:
+        end_step = min(end_step, step + train.max_additional_steps)
+    metrics_log = MetricsLog(fabric, out_dir)
+    final_losses: dict[str, float] = {}
+
+    def save(reason: str) -> Path:
+        train_state = {
+            "step": step,
+            "sft": {"consumed": sft_consumed, "epoch": sft_consumed / len(train_set), "train_samples": len(train_set)},
+            "replay": {
+                "ratio": replay.ratio,
+                "sequences_per_step": n_replay,
+                "loader": gather_objects(fabric, replay_loader.state_dict()) if replay_loader is not None else None,
+                "tokens_by_source": replay_by_source,
+            },
+            "tokens": counts,
+            "base_checkpoint": str(base),
+            "model_config": dataclasses.asdict(config),
+            "max_seq_length": seq_len,
+            "tokenizer_fingerprint": fingerprint,
+            "world_size": world,
+            "reason": reason,
+        }
+        path = save_checkpoint(
+            fabric,
+            out_dir,
+            step,
+            {"model": model, "optimizer": optimizer},
+            train_state,
+            hparams,
+            model_config=dataclasses.asdict(config),
+            tokenizer_dir=tokenizer_dir,
+        )
+        fabric.print(f"Saved checkpoint {path} ({reason}).")
+        return path
+
+    def validate(at_step: int, **extra: Any) -> None:
+        losses = evaluate_sets(fabric, model, val_loaders)
+        final_losses.update(losses)
+        metrics_log.log(at_step, {**extra, **val_metrics(losses)})
+        fabric.print(f"validation at step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+
+    if eval.initial_validation and val_loaders:
+        validate(step)
+
+    # ---- the loop: one iteration = one optimizer step -----------------------------------------------
+    sft_iter = iter(sft_loader)
+    replay_iter = iter(replay_loader) if replay_loader is not None else None
+    # per part (sft, replay): loss sum, scored tokens, sequences; this step's (all processes) and the log window's
+    last = torch.zeros(2, 3, dtype=torch.float64, device=fabric.device)
+    window = torch.zeros_like(last)
+    n_sources = len(replay_loader.sources) if replay_loader is not None else 0
+    t_start = t_window = time.perf_counter()
+    window_start_step = step
+    while step < end_step:
+        lr = lr_at(step, train.max_steps, base_lr, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        replay_tokens = None
+        replay_src = torch.zeros(n_sources, dtype=torch.float64)  # replay sequences per source
+        if replay_iter is not None:
+            replay_batch = next(replay_iter)
+            replay_tokens = replay_batch["input_ids"]
+            replay_src.index_add_(0, replay_batch["source"], torch.ones(len(replay_tokens), dtype=torch.float64))
+        micro_batches = _micro_batches(next(sft_iter), replay_tokens, replay_counts, train.micro_batch_size)
+        scored = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro_batches)), device=fabric.device)
+        scored = fabric.all_reduce(scored, reduce_op="sum")
+        if scored == 0:
+            fabric.print(f"warning: step {step + 1} has no scored tokens (responses cut by max_seq_length?).")
+        last.zero_()
+        for i, batch in enumerate(micro_batches):
+            input_ids = batch["input_ids"].to(fabric.device)
+            labels = batch["labels"].to(fabric.device)
+            is_replay = batch["is_replay"].to(fabric.device)
+            with fabric.no_backward_sync(model, enabled=i < accum - 1):
+                seq_loss, seq_count = sequence_losses(model(input_ids), labels)
+                # DDP/FSDP average gradients over processes, so scale by world size: d(sum of losses / scored)
+                fabric.backward(seq_loss.sum() * world / scored.clamp(min=1))
+            with torch.no_grad():
+                for part, rows in enumerate((~is_replay, is_replay)):
+                    last[part] += torch.stack(
+                        [seq_loss[rows].sum().double(), seq_count[rows].sum().double(), rows.sum().double()]
+                    )
+        if train.max_norm is not None:
+            fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        sft_consumed += n_sft
+        reduced = fabric.all_reduce(torch.cat([last.flatten(), replay_src.to(fabric.device)]), reduce_op="sum")
+        last = reduced[:6].view(2, 3)
+        window += last
+        counts["sft_tokens"] += int(last[0, 1])
+        counts["replay_tokens"] += int(last[1, 1])
+        for src, n in zip(replay_loader.sources if replay_loader is not None else [], reduced[6:].tolist()):
+            if n:
+                replay_by_source[src.id] = replay_by_source.get(src.id, 0) + int(n) * seq_len
+
+        if step % train.log_interval == 0 or step == end_step:
+            (sft_loss, sft_tok, sft_seq), (rep_loss, rep_tok, rep_seq) = last.tolist()
+            now = time.perf_counter()
+            metrics: dict[str, Any] = {
+                "loss": (sft_loss + rep_loss) / max(sft_tok + rep_tok, 1),
+                "lr": lr,
+                "replay_fraction": float(window[1, 2] / window[:, 2].sum()),
+                "replay_sequences": int(rep_seq),
+                "sft_sequences": int(sft_seq),
+                "epoch": sft_consumed / len(train_set),
+                "tokens/sft": counts["sft_tokens"],
+                "tokens/replay": counts["replay_tokens"],
+                "step_time": (now - t_window) / (step - window_start_step),
+            }
+            for name, (loss_sum, tokens, _) in zip(("sft", "replay"), window.tolist()):
+                if tokens:
+                    metrics[f"train/{name}/loss"] = loss_sum / tokens
+            metrics_log.log(step, metrics)
+            fabric.print(
+                f"step {step}/{end_step} | loss {metrics['loss']:.4f} | lr {lr:.3e} | epoch {metrics['epoch']:.2f} | "
+                f"replay {metrics['replay_sequences']}/{train.global_batch_size} | {metrics['step_time']:.2f} s/step"
+            )
+            window.zero_()
+            t_window, window_start_step = now, step
+
+        if val_loaders and eval.interval and step % eval.interval == 0 and step != end_step:
+            validate(step)
+        if preempt.agreed(fabric):
+            save("preempted")
+            fabric.print(
+                f"Preemption signal: checkpoint written at step {step}; exiting with status "
+                f"{EXIT_PREEMPTED} so the job is requeued."
+            )
+            fabric.barrier()
+            sys.exit(EXIT_PREEMPTED)
+        if train.save_interval and step % train.save_interval == 0 and step != end_step:
+            save("interval")
+
+    resumed_at = int(saved["step"]) if checkpoint is not None else 0
+    final = save("end") if step > resumed_at else checkpoint
+    if eval.final_validation and val_loaders:
+        validate(step, final=True)
+    if rank == 0:
+        _write_json(
+            out_dir / "summary.json",
+            {
+                "step": step,
+                "max_steps": train.max_steps,
+                "final_checkpoint": str(final),
+                "base_checkpoint": str(base),
+                "replay_ratio": replay.ratio,
+                "replay_sequences_per_step": n_replay,
+                "sft_sequences_per_step": n_sft,
+                "epochs": sft_consumed / len(train_set),
+                "tokens": counts,
+                "replay_tokens_by_source": replay_by_source,
+                "val": final_losses,
+                "train_seconds": time.perf_counter() - t_start,
+            },
+        )
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _micro_batches(
+    sft_samples: list[dict], replay_tokens: torch.Tensor | None, replay_counts: list[int], micro_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """This process's micro-batches of one step: SFT samples first, then its replay share (see replay.py)."""
+    replay_rows = [] if replay_tokens is None else [(t.long(), t.long()) for t in replay_tokens]
+    out, s, r = [], 0, 0
+    for n_replay in replay_counts:
+        n_sft = micro_size - n_replay
+        batch = shifted_batch(sft_rows(sft_samples[s : s + n_sft]) + replay_rows[r : r + n_replay])
+        batch["is_replay"] = torch.arange(micro_size) >= n_sft
+        out.append(batch)
+        s, r = s + n_sft, r + n_replay
+    return out
+
+
+def _check_scored(train_set: Any, val_set: Any, seq_len: int, val_samples: int | None, fabric: L.Fabric) -> None:
+    """Refuse SFT data whose responses are cut off by max_seq_length; say how much of it loses them."""
+    hint = f"prompts fill all {seq_len + 1} tokens; raise train.max_seq_length or shorten the prompts"
+    fraction = scored_fraction(train_set, limit=1000)
+    if fraction == 0:
+        raise MidtrainError(f"No SFT training sample keeps a scored response token: {hint}.")
+    if fraction < 1:
+        fabric.print(
+            f"warning: {1 - fraction:.1%} of the SFT training samples (first 1000 checked) score nothing: {hint}."
+        )
+    if len(val_set) and scored_fraction(val_set, limit=val_samples) == 0:
+        raise MidtrainError(f"No SFT validation sample keeps a scored response token: {hint}.")
+
+
+def _resolve_base(path: Path) -> Path:
+    """The directory holding the starting weights (a run directory means its newest checkpoint)."""
+    if not path.is_dir():
+        raise MidtrainError(f"checkpoint_dir {path} does not exist.")
+    if not (path / MODEL_FILE).is_file():
+        latest = find_latest(path)
+        if latest is None:
+            raise MidtrainError(
+                f"checkpoint_dir {path} has no {MODEL_FILE} and no complete step-* checkpoint; point it at a "
+                "checkpoint directory (ours or litgpt's)."
+            )
+        path = latest
+    if not (path / MODEL_CONFIG_FILE).is_file():
+        raise MidtrainError(f"checkpoint_dir {path} has no {MODEL_CONFIG_FILE}; the model architecture is unknown.")
+    return path
