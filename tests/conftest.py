@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-
-from midtrain.data.synthetic import write_tree
-
+# Tiny models: one thread per process is fastest and keeps 2-process (DDP) tests from oversubscribing
+# a 2-core machine. Set before torch is imported so subprocesses inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from midtrain.data.synthetic import write_tree  # noqa: E402
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from midtrain.errors import MidtrainError
+from midtrain.train.schedules import LRSchedule
 
 
 @dataclass
@@ -52,6 +53,13 @@ class TrainArgs:
                 f"({self.micro_batch_size}) x processes ({world_size}) = {per_step}."
             )
         return self.global_batch_size // per_step
+
+    def schedule(self) -> LRSchedule:
+        """The LR schedule these fields describe."""
+        return LRSchedule(
+            name=self.lr_schedule, warmup_steps=self.lr_warmup_steps, warmup_fraction=self.lr_warmup_fraction,
+            min_lr=self.min_lr, decay_fraction=self.lr_decay_fraction,
+        )
 
     def validate(self) -> None:
         if self.max_steps is None or self.max_steps < 1:

@@ -51,19 +51,23 @@ from midtrain.train.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from midtrain.train.pretrain import _check_compatible, _hparams, _load_weights, _rank_loader_state, _write_json
 from midtrain.train.runtime import (
     EXIT_PREEMPTED,
     MetricsLog,
     PreemptionFlag,
     build_fabric,
+    check_compatible,
     evaluate_sets,
     gather_objects,
+    load_weights,
+    rank_loader_state,
+    run_config,
     sequence_losses,
     tokenizer_fingerprint,
     val_metrics,
+    write_json,
 )
-from midtrain.train.schedules import LRSchedule, lr_at
+from midtrain.train.schedules import lr_at
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -133,7 +137,7 @@ def setup(
     replay = replay or Replay()
     replay_data = replay.build()
     config = Config.from_file(base / MODEL_CONFIG_FILE)
-    hparams = _hparams(locals())
+    hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
     replay.sequences_per_step(train.global_batch_size, fabric.world_size)  # fail before launching
     fabric._loggers = [
@@ -221,20 +225,14 @@ def main(
     if train.tie_embeddings:
         model.transformer.wte.weight = model.lm_head.weight
     if checkpoint is None:
-        _load_weights(fabric, model, base)
+        load_weights(fabric, model, base)
     model.max_seq_length = seq_len
     fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, sequence length {seq_len}.")
     model = fabric.setup(model)
     optimizer = instantiate_torch_optimizer(optimizer_cfg, model.parameters(), fused=fabric.device.type == "cuda")
     optimizer = fabric.setup_optimizers(optimizer)
     base_lr = optimizer.param_groups[0]["lr"]
-    schedule = LRSchedule(
-        name=train.lr_schedule,
-        warmup_steps=train.lr_warmup_steps,
-        warmup_fraction=train.lr_warmup_fraction,
-        min_lr=train.min_lr,
-        decay_fraction=train.lr_decay_fraction,
-    )
+    schedule = train.schedule()
     fabric.print(f"LR schedule: {schedule.describe(base_lr, train.max_steps)}.")
 
     # ---- state: fresh or resumed -------------------------------------------------------------------
@@ -253,13 +251,13 @@ def main(
                 f"The SFT training split had {saved['sft']['train_samples']} samples at {checkpoint} and has "
                 f"{len(train_set)} now; the saved data position would mean something else."
             )
-        _check_compatible(saved, config, seq_len, fingerprint, checkpoint)
+        check_compatible(saved, config, seq_len, fingerprint, checkpoint)
         load_checkpoint(fabric, checkpoint, {"model": model, "optimizer": optimizer})
         step, sft_consumed = int(saved["step"]), int(saved["sft"]["consumed"])
         counts = {k: int(saved["tokens"][k]) for k in counts}
         replay_by_source = dict(saved["replay"]["tokens_by_source"])
         if replay_loader is not None and saved["replay"]["loader"]:
-            replay_loader.load_state_dict(_rank_loader_state(fabric, saved["replay"]["loader"]))
+            replay_loader.load_state_dict(rank_loader_state(fabric, saved["replay"]["loader"]))
         fabric.print(f"Resumed from {checkpoint} at optimizer step {step} ({sft_consumed} SFT samples consumed).")
     else:
         fabric.print(f"Fine-tuning {base} (fresh optimizer).")
@@ -419,7 +417,7 @@ def main(
     if eval.final_validation and val_loaders:
         validate(step, final=True)
     if rank == 0:
-        _write_json(
+        write_json(
             out_dir / "summary.json",
             {
                 "step": step,

@@ -9,7 +9,6 @@ per-source loss and token logging, atomic checkpoints and SLURM preemption.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,13 +38,18 @@ from midtrain.train.runtime import (
     MetricsLog,
     PreemptionFlag,
     build_fabric,
+    check_compatible,
     evaluate_sets,
     gather_objects,
+    load_weights,
+    rank_loader_state,
+    run_config,
     sequence_losses,
     tokenizer_fingerprint,
     val_metrics,
+    write_json,
 )
-from midtrain.train.schedules import LRSchedule, lr_at
+from midtrain.train.schedules import lr_at
 
 
 def setup(
@@ -99,7 +103,7 @@ def setup(
         raise MidtrainError("data is not set; configure a ShardedMixedDataset under `data:`.")
     config = Config.from_name(model_name) if model_config is None else model_config
     train.validate()
-    hparams = _hparams(locals())
+    hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
     logger = choose_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
     fabric._loggers = [logger]
@@ -140,13 +144,7 @@ def main(
     preempt = PreemptionFlag(preemption_signal)
     accum = train.gradient_accumulation_iters(fabric.world_size)
     seq_len = train.max_seq_length or config.block_size
-    schedule = LRSchedule(
-        name=train.lr_schedule,
-        warmup_steps=train.lr_warmup_steps,
-        warmup_fraction=train.lr_warmup_fraction,
-        min_lr=train.min_lr,
-        decay_fraction=train.lr_decay_fraction,
-    )
+    schedule = train.schedule()
     checkpoint = _resume_point(fabric, resume, out_dir)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +159,7 @@ def main(
     model.max_seq_length = seq_len
     fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, sequence length {seq_len}.")
     if checkpoint is None and initial_checkpoint_dir is not None:
-        _load_weights(fabric, model, Path(initial_checkpoint_dir))
+        load_weights(fabric, model, Path(initial_checkpoint_dir))
     if compile:
         model = torch.compile(model)
     model = fabric.setup(model)
@@ -181,7 +179,7 @@ def main(
     history: list[dict] = []
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
     if checkpoint is not None:
-        _check_compatible(read_train_state(checkpoint), config, seq_len, fingerprint, checkpoint)
+        check_compatible(read_train_state(checkpoint), config, seq_len, fingerprint, checkpoint)
         saved = load_checkpoint(fabric, checkpoint, {"model": model, "optimizer": optimizer})
         step = int(saved["step"])
         tokens_by_source = {k: int(v) for k, v in saved["tokens_by_source"].items()}
@@ -191,7 +189,7 @@ def main(
     stage_index, stage = data.stage_at(step)
     loader = data.train_dataloader(step)
     if checkpoint is not None:
-        loader.load_state_dict(_rank_loader_state(fabric, saved["loader"]))
+        loader.load_state_dict(rank_loader_state(fabric, saved["loader"]))
         if saved["mixture"]["weights"] != stage.mixture.weights_by_id():
             history.append(_switch(step, saved["mixture"], stage.mixture, f"resume from {checkpoint}"))
             fabric.print(f"Mixture changed at step {step}: {history[-1]['from']} -> {history[-1]['to']}")
@@ -207,7 +205,7 @@ def main(
     flops_per_step = _flops_per_batch(config, train.micro_batch_size, seq_len) * accum * fabric.world_size
     peak_flops = get_available_flops(fabric.device, _compute_dtype(fabric))
     if fabric.global_rank == 0:
-        _write_json(out_dir / "mixture_history.json", history)
+        write_json(out_dir / "mixture_history.json", history)
 
     step_tokens = torch.zeros(len(data.shards), dtype=torch.int64)  # this rank, since the last flush
     shard_index = {s.id: i for i, s in enumerate(data.shards)}
@@ -286,7 +284,7 @@ def main(
             fabric.print(f"Stage {new_index} at step {step}: {new_stage.mixture.mode} {new_stage.mixture.description}")
             stage_index, stage = new_index, new_stage
             if fabric.global_rank == 0:
-                _write_json(out_dir / "mixture_history.json", history)
+                write_json(out_dir / "mixture_history.json", history)
         source_type = torch.tensor([types.index(s.type) for s in loader.sources], device=fabric.device)
         source_shard = torch.tensor([shard_index[s.id] for s in loader.sources])
 
@@ -366,7 +364,7 @@ def main(
     if eval.final_validation and val_loaders:
         validate(step, final=True)
     if fabric.global_rank == 0:
-        _write_json(
+        write_json(
             out_dir / "summary.json",
             {
                 "step": step,
@@ -394,23 +392,6 @@ def _resume_point(fabric: L.Fabric, resume: bool | Literal["auto"] | Path, out_d
     return resolve_resume(resume, out_dir)
 
 
-def _hparams(local_vars: dict) -> dict:
-    """The run config as plain data (saved with every checkpoint)."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, Path):
-            return str(v)
-        return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
-
-    return {k: plain(v) for k, v in local_vars.items() if not k.startswith("_")}
-
-
 def _switch(step: int, old: dict | None, new, reason: str) -> dict:
     return {
         "step": step,
@@ -429,42 +410,6 @@ def _by_type(tokens_by_source: dict[str, int], data: ShardedMixedDataset) -> dic
     return out
 
 
-def _rank_loader_state(fabric: L.Fabric, states: list[dict]) -> dict:
-    """This rank's saved loader state; with another world size, rank 0's (the loader then reshuffles)."""
-    if len(states) == fabric.world_size:
-        return states[fabric.global_rank]
-    return states[0]
-
-
-def _check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str | None, path: Path) -> None:
-    old = saved.get("model_config") or {}
-    new = dataclasses.asdict(config)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "name")
-    if diff:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
-        raise MidtrainError(f"Checkpoint {path} was trained with a different model ({details}); cannot resume it.")
-    if int(saved.get("max_seq_length", seq_len)) != seq_len:
-        raise MidtrainError(
-            f"Checkpoint {path} used max_seq_length {saved['max_seq_length']}, this run {seq_len}; keep it equal."
-        )
-    old_fp = saved.get("tokenizer_fingerprint")
-    if old_fp and fingerprint and old_fp != fingerprint:
-        raise MidtrainError(
-            f"Checkpoint {path} was trained with another tokenizer (fingerprint {old_fp[:12]} vs "
-            f"{fingerprint[:12]}); token IDs would not mean the same thing."
-        )
-
-
-def _load_weights(fabric: L.Fabric, model: GPT, directory: Path) -> None:
-    """Model weights only, from a litgpt checkpoint dir or one of ours."""
-    path = directory / "lit_model.pth"
-    if not path.is_file():
-        raise MidtrainError(f"initial_checkpoint_dir {directory} has no lit_model.pth.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state.get("model", state))
-    fabric.print(f"Initial weights from {path}.")
-
-
 def _compute_dtype(fabric: L.Fabric) -> torch.dtype:
     precision = str(fabric._precision.precision) if hasattr(fabric._precision, "precision") else ""
     return torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
@@ -479,7 +424,3 @@ def _flops_per_batch(config: Config, micro_batch: int, seq_len: int) -> float:
     return float(flops)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)

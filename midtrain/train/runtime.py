@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import signal
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
+from litgpt.config import Config
 from litgpt.model import GPT, Block
 from litgpt.utils import get_default_supported_precision, parse_devices
 from torch.utils.data import DataLoader
@@ -142,3 +144,62 @@ def gather_objects(fabric: L.Fabric, obj: object) -> list:
     out: list = [None] * fabric.world_size
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def run_config(local_vars: dict) -> dict:
+    """The run config as plain data (saved with every checkpoint)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+
+    return {k: plain(v) for k, v in local_vars.items() if not k.startswith("_")}
+
+
+def rank_loader_state(fabric: L.Fabric, states: list[dict]) -> dict:
+    """This rank's saved loader state; with another world size, rank 0's (the loader then reshuffles)."""
+    if len(states) == fabric.world_size:
+        return states[fabric.global_rank]
+    return states[0]
+
+
+def check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str | None, path: Path) -> None:
+    old = saved.get("model_config") or {}
+    new = dataclasses.asdict(config)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "name")
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise MidtrainError(f"Checkpoint {path} was trained with a different model ({details}); cannot resume it.")
+    if int(saved.get("max_seq_length", seq_len)) != seq_len:
+        raise MidtrainError(
+            f"Checkpoint {path} used max_seq_length {saved['max_seq_length']}, this run {seq_len}; keep it equal."
+        )
+    old_fp = saved.get("tokenizer_fingerprint")
+    if old_fp and fingerprint and old_fp != fingerprint:
+        raise MidtrainError(
+            f"Checkpoint {path} was trained with another tokenizer (fingerprint {old_fp[:12]} vs "
+            f"{fingerprint[:12]}); token IDs would not mean the same thing."
+        )
+
+
+def load_weights(fabric: L.Fabric, model: GPT, directory: Path) -> None:
+    """Model weights only, from a litgpt checkpoint dir or one of ours."""
+    path = directory / "lit_model.pth"
+    if not path.is_file():
+        raise MidtrainError(f"initial_checkpoint_dir {directory} has no lit_model.pth.")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state.get("model", state))
+    fabric.print(f"Initial weights from {path}.")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
