@@ -16,6 +16,7 @@ through the same code path as the CLI.
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def demo(out: Path = Path("demo_out"), branch_step: int = 200, max_steps: int = 
     from midtrain.train.checkpoints import find_latest
 
     out = Path(out)
+    for stale in (out / "runs", out / "report", out / "eval.csv"):  # the demo's own outputs of an earlier run
+        if stale.exists():
+            print(f"removing {stale} from an earlier demo run")
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     total, start = 6, time.perf_counter()
     t = _phase(1, total, f"building the demo corpus in {out / 'corpus'}")
     info = build_demo_corpus(out / "corpus", seed=seed)
@@ -133,21 +138,29 @@ def demo(out: Path = Path("demo_out"), branch_step: int = 200, max_steps: int = 
     print(table)
 
     _phase(6, total, "writing the report")
-    report_dir = report([str(p) for p in [runs / n for n in BRANCHES] + finetuned], out=out / "report",
-                        in_domain="sft", general="main")
-    with open(Path(report_dir) / "report.md", "a") as f:
+    report_md = Path(report([str(p) for p in [runs / "pretrain", *(runs / n for n in BRANCHES), *finetuned]],
+                            out=out / "report",
+                            in_domain="sft", general="main"))
+    with report_md.open("a") as f:
         f.write("\n## Demo result (after SFT)\n\n" + table + "\n")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; report: {Path(report_dir) / 'report.md'}")
-    return Path(report_dir)
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; report: {report_md}")
+    return report_md
 
 
 def _results_table(csv_path: Path, finetuned: list[Path]) -> str:
-    """Markdown: per fine-tuned run, in-domain SFT loss and general-prose loss."""
+    """Markdown: per fine-tuned run, in-domain SFT loss and general-prose loss, and the paper's two checks."""
     rows = list(csv.DictReader(csv_path.open()))
     lines = ["| branch | SFT | code SFT val loss (in-domain) | prose val loss (forgetting) |", "|---|---|---|---|"]
+    results: dict[tuple[str, str], dict[str, float]] = {}
     for run_dir in finetuned:
         losses = {r["set"]: float(r["loss"]) for r in rows if Path(r["checkpoint"]).parent == run_dir.resolve()}
         branch, _, tag = run_dir.name.partition("-")
-        lines.append(f"| {branch} | {tag} | {losses.get('sft', float('nan')):.4f} | "
-                     f"{losses.get('main', float('nan')):.4f} |")
+        results[branch, tag] = losses
+        lines.append(f"| {branch} | {tag} | {losses['sft']:.4f} | {losses['main']:.4f} |")
+    lines.append("")
+    for tag in REPLAY:
+        mid, base, cpt = (results[b, tag] for b in ("midtrain", "base", "cpt"))
+        lines.append(f"- {tag}: midtrain code loss {'<' if mid['sft'] < base['sft'] else '>='} base "
+                     f"({mid['sft']:.4f} vs {base['sft']:.4f}); midtrain prose loss "
+                     f"{'<' if mid['main'] < cpt['main'] else '>='} cpt ({mid['main']:.4f} vs {cpt['main']:.4f})")
     return "\n".join(lines)
