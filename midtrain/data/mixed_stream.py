@@ -164,10 +164,14 @@ class MixedStream(IterableDataset):
                 "small to split this many ways. Use fewer data.num_workers, or a larger shard."
             )
 
-        n = len(self.sources)
+        cumulative = np.cumsum(self.probs)
+        cumulative[-1] = 1.0  # u < 1 always lands on a source, whatever the float rounding
         while True:
-            picks = rng.choice(n, size=self.batch_size, p=self.probs) if n > 1 else np.zeros(self.batch_size, int)
+            picks = np.searchsorted(cumulative, rng.random(self.batch_size), side="right")
             rows = [next_sample(int(i)) for i in picks]
+            batch = torch.empty((len(rows), self.block_size), dtype=rows[0].dtype)
+            if info is not None:  # in a loader worker: build the batch in shared memory, no copy at hand-over
+                batch.share_memory_()
             batches += 1
             snapshot = {
                 "rng": rng.bit_generator.state,
@@ -175,7 +179,7 @@ class MixedStream(IterableDataset):
                 "batches": batches,
             }
             yield {
-                "input_ids": torch.stack(rows),
+                "input_ids": torch.stack(rows, out=batch),
                 "source": picks.astype(np.int64),  # numpy: pickled inline, no shared-memory segment
                 "worker": worker,
                 "state": snapshot,
@@ -201,6 +205,7 @@ class MixedLoader(DataLoader):
             num_workers=num_workers,
             pin_memory=pin_memory,
             prefetch_factor=4 if num_workers > 0 else None,
+            collate_fn=_as_is,
         )
         self.stream = stream
         self.plain = plain
