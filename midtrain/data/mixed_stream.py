@@ -121,68 +121,68 @@ class MixedStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         num_workers = info.num_workers if info is not None else 1
-        physical = info.id if info is not None else 0
-        worker = (physical + self.worker_offset) % num_workers
-        state = self.resume_states.get(worker)
+        worker = ((info.id if info is not None else 0) + self.worker_offset) % num_workers
+        ids = [s.id for s in self.sources]
+        state = self.resume_states.get(worker) or {}
         rng = self._rng(worker)
-        positions = {s.id: {"epoch": 1, "consumed": 0} for s in self.sources}
-        batches = 0
-        if state is not None:
-            if state.get("rng") is not None:
-                rng.bit_generator.state = state["rng"]
-            for sid, pos in state.get("sources", {}).items():
-                if sid in positions:
-                    positions[sid] = {"epoch": int(pos["epoch"]), "consumed": int(pos["consumed"])}
-            batches = int(state.get("batches", 0))
+        if state.get("rng") is not None:
+            rng.bit_generator.state = state["rng"]
+        saved = state.get("sources", {})
+        epochs = [int(saved[sid]["epoch"]) if sid in saved else 1 for sid in ids]
+        consumed = [int(saved[sid]["consumed"]) if sid in saved else 0 for sid in ids]
+        batches = int(state.get("batches", 0))
         worker_env = _WorkerEnv(world_size=num_workers, rank=worker)
-        for ds in self.datasets:
-            ds._forced_worker_env = worker_env
-        started = [False] * len(self.sources)
 
-        def next_sample(i: int) -> torch.Tensor:
-            ds, pos = self.datasets[i], positions[self.sources[i].id]
-            for attempt in range(2):
-                if not started[i]:
-                    ds.set_epoch(pos["epoch"])
-                    iter(ds)
-                    if pos["consumed"]:
-                        _fast_forward(ds, pos["consumed"])
-                    started[i] = True
-                try:
-                    sample = next(ds)
-                    pos["consumed"] += 1
-                    return sample
-                except StopIteration:
-                    pos["epoch"] += 1
-                    pos["consumed"] = 0
-                    started[i] = False
-                    if attempt == 1 or ds.stop_length == 0:
-                        break
-            raise MidtrainError(
-                f"Source {self.sources[i].id} ({self.sources[i].path}) has no {self.block_size}-token samples for "
-                f"loader worker {worker} of {num_workers} on rank {self.rank} of {self.world_size}: the shard is too "
-                "small to split this many ways. Use fewer data.num_workers, or a larger shard."
-            )
+        def start(i: int) -> None:
+            """(Re)start source ``i`` at its current epoch and position."""
+            ds = self.datasets[i]
+            ds._forced_worker_env = worker_env  # this worker's share of the shard (logical worker id)
+            ds.set_epoch(epochs[i])
+            iter(ds)
+            if consumed[i]:
+                _fast_forward(ds, consumed[i])
 
+        def next_epoch(i: int) -> torch.Tensor:
+            """Source ``i`` ran out: only it starts its next epoch (a new litdata shuffle)."""
+            epochs[i] += 1
+            consumed[i] = 0
+            start(i)
+            try:
+                return next(self.datasets[i])
+            except StopIteration:
+                raise MidtrainError(
+                    f"Source {ids[i]} ({self.sources[i].path}) has no {self.block_size}-token samples for loader "
+                    f"worker {worker} of {num_workers} on rank {self.rank} of {self.world_size}: the shard is too "
+                    "small to split this many ways. Use fewer data.num_workers, or a larger shard."
+                ) from None
+
+        for i in range(len(ids)):
+            start(i)
+        fetch = [ds.__next__ for ds in self.datasets]
         cumulative = np.cumsum(self.probs)
         cumulative[-1] = 1.0  # u < 1 always lands on a source, whatever the float rounding
         while True:
             picks = np.searchsorted(cumulative, rng.random(self.batch_size), side="right")
-            rows = [next_sample(int(i)) for i in picks]
+            rows = []
+            for i in picks.tolist():
+                try:
+                    rows.append(fetch[i]())
+                except StopIteration:
+                    rows.append(next_epoch(i))
+                consumed[i] += 1
             batch = torch.empty((len(rows), self.block_size), dtype=rows[0].dtype)
             if info is not None:  # in a loader worker: build the batch in shared memory, no copy at hand-over
                 batch.share_memory_()
             batches += 1
-            snapshot = {
-                "rng": rng.bit_generator.state,
-                "sources": {sid: dict(p) for sid, p in positions.items()},
-                "batches": batches,
-            }
             yield {
                 "input_ids": torch.stack(rows, out=batch),
                 "source": picks.astype(np.int64),  # numpy: pickled inline, no shared-memory segment
                 "worker": worker,
-                "state": snapshot,
+                "state": {
+                    "rng": rng.bit_generator.state,
+                    "sources": {sid: {"epoch": e, "consumed": c} for sid, e, c in zip(ids, epochs, consumed)},
+                    "batches": batches,
+                },
             }
 
 
