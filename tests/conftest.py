@@ -25,3 +25,11 @@ def tree(tmp_path: Path) -> Path:
         chunk_tokens=1_700,
         sequential=True,
     )
+
+
+def set_dotted(cfg: dict, key: str, value: object) -> None:
+    """Set ``cfg["a"]["b"] = value`` for ``key="a.b"`` (what a CLI dotted override does to a YAML config)."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        cfg = cfg.setdefault(part, {})
+    cfg[leaf] = value

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import set_dotted
 from litgpt.config import Config
 from litgpt.model import GPT
 from litgpt.prompts import PromptStyle
@@ -107,11 +108,7 @@ def finetune_config(world: dict[str, Path], out: Path, ratio: float | None = 0.2
                                                   "main:0.5,code:0.5", "num_workers": 0,
                                                   "val_data_path": {"c4": str(world["root"] / "val" / "1")}}}
     for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_dotted(cfg, key, value)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
