@@ -40,9 +40,7 @@ from midtrain.train.runtime import (
     build_fabric,
     check_compatible,
     evaluate_sets,
-    gather_objects,
     load_weights,
-    rank_loader_state,
     run_config,
     sequence_losses,
     tokenizer_fingerprint,
@@ -169,7 +167,8 @@ def main(
 
     # ---- data --------------------------------------------------------------------------------
     tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len, with_source=True)
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len, with_source=True,
+                 global_batch_size=train.global_batch_size)
     val_loaders = data.val_dataloaders(max_samples=eval.max_samples, batch_size=eval.batch_size)
     types = sorted({r.shard.type for s in data.stage_list for r in s.mixture.active})
 
@@ -189,7 +188,7 @@ def main(
     stage_index, stage = data.stage_at(step)
     loader = data.train_dataloader(step)
     if checkpoint is not None:
-        loader.load_state_dict(rank_loader_state(fabric, saved["loader"]))
+        loader.load_state_dict(saved["loader"])  # the same on every rank
         if saved["mixture"]["weights"] != stage.mixture.weights_by_id():
             history.append(_switch(step, saved["mixture"], stage.mixture, f"resume from {checkpoint}"))
             fabric.print(f"Mixture changed at step {step}: {history[-1]['from']} -> {history[-1]['to']}")
@@ -220,7 +219,6 @@ def main(
 
     def save(reason: str) -> Path:
         flush_tokens()
-        loader_states = gather_objects(fabric, loader.state_dict())
         train_state = {
             "step": step,
             "tokens_seen": sum(tokens_by_source.values()),
@@ -233,7 +231,7 @@ def main(
                 "weights": stage.mixture.weights_by_id(),
             },
             "mixture_history": history,
-            "loader": loader_states,
+            "loader": loader.state_dict(),
             "model_config": dataclasses.asdict(config),
             "max_seq_length": seq_len,
             "tokenizer_fingerprint": fingerprint,
