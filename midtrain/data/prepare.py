@@ -50,8 +50,8 @@ from tqdm import tqdm
 from midtrain import __version__
 from midtrain.data.shards import MAIN_TYPE, classify, read_index, shard_type_table
 from midtrain.errors import MidtrainError
+from midtrain.tokenizer_fingerprint import MANIFEST_NAME, tokenizer_fingerprint
 
-MANIFEST_NAME = "prepare.json"
 VAL_DIR = "val"
 BATCH_DOCS = 128
 BATCH_CHARS = 1 << 18
@@ -59,13 +59,6 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSED_SUFFIXES = (".gz", ".zst")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-)
 MAX_REPORTED_BAD = 5
 _GLOB_CHARS = set("*?[")
 
@@ -315,18 +308,6 @@ class TokenizerSpec:
     eos_id: int
     vocab_size: int  # including added tokens: every ID is below it
     fingerprint: str
-
-
-def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
-    """sha256 over the tokenizer model file and its config files (names and contents)."""
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        path = Path(tokenizer_dir) / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0")
-            digest.update(path.read_bytes())
-            digest.update(b"\0")
-    return digest.hexdigest()
 
 
 def load_tokenizer_spec(tokenizer_dir: Path) -> TokenizerSpec:
