@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import zstandard
 
-from midtrain.data import prepare as prep
+from midtrain import prepare as prep
 from midtrain.data.demo_corpus import EOS, build_demo_corpus, train_bpe_tokenizer
-from midtrain.data.prepare import MANIFEST_NAME, prepare, read_shard_tokens
 from midtrain.data.shards import discover_shards
 from midtrain.errors import MidtrainError
+from midtrain.prepare import MANIFEST_NAME, prepare, read_shard_tokens
 
 _WORDS = "the model reads code and math while a tokenizer splits text into pieces of data".split()
 
@@ -98,7 +98,7 @@ def test_round_trip_through_litdata_streaming_dataset(tmp_path, tok_dir, litgpt_
 
     manifest = json.loads((shard / MANIFEST_NAME).read_text())
     assert manifest["documents"] == len(DOCS) and manifest["tokens"] == len(streamed)
-    assert manifest["inputs"][0]["sha256"] == prep._sha256_file(src).hexdigest()
+    assert manifest["inputs"][0]["sha256"] == prep.manifests.sha256_file(src).hexdigest()
     assert manifest["inputs"][0]["bytes"] == src.stat().st_size
     assert manifest["tokenizer"]["fingerprint"] == prep.tokenizer_fingerprint(tok_dir)
     (found,) = discover_shards(tmp_path / "corpus")
