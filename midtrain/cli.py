@@ -73,6 +73,10 @@ def run(command: str, args: list[str]) -> Any:
 
         register_litgpt_alias()
     fn = _load(target)
+    if command == "inspect":
+        from midtrain.inspect_mixture import split_step_option
+
+        args, step = split_step_option(args)
     parser = _parser(fn, f"midtrain {command}")
     cfg = parser.parse_args(_repeatable_lists(fn, args))
     init = parser.instantiate_classes(cfg)
@@ -80,7 +84,7 @@ def run(command: str, args: list[str]) -> Any:
     if command == "inspect":
         from midtrain.inspect_mixture import inspect
 
-        return inspect(**kwargs)
+        return inspect(**kwargs, step=step)
     return fn(**kwargs)
 
 
