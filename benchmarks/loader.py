@@ -39,11 +39,12 @@ def build(root: Path, tokens: int, n: int) -> None:
         write_shard(root / "plain", tokens, seed=99, vocab_size=50_000, chunk_tokens=1 << 21)
 
 
-def timed(loader, batches: int, batch_size: int, block: int, on_batch=None) -> float:
-    """Steady-state tokens/s over ``batches`` batches after the first (which pays for worker start-up);
+def timed(loader, batches: int, batch_size: int, block: int, workers: int, on_batch=None) -> float:
+    """Steady-state tokens/s over ``batches`` batches after two from every worker (which pay for start-up);
     NaN when the loader ends first (litdata's combined stream stops when a small source runs out)."""
     it = iter(loader)
-    next(it)
+    for _ in range(2 * max(1, workers)):
+        next(it)
     start = time.perf_counter()
     for _ in range(batches):
         batch = next(it, None)
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16_000_000)
     parser.add_argument("--block", type=int, default=2049)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=150)
+    parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sources", type=int, nargs="+", default=[4, 16])
@@ -104,7 +105,7 @@ def main() -> None:
                     count = None
                     if name == "midtrain":
                         count = lambda b, ld=loader, c=shares: c.update(ld.sources[i].id for i in b["source"].tolist())  # noqa: E731
-                    results[name].append(timed(loader, args.batches, args.batch_size, args.block, count))
+                    results[name].append(timed(loader, args.batches, args.batch_size, args.block, args.workers, count))
 
             base = statistics.median(results["plain"])
             print(f"\n{n} sources, {args.tokens:,} tokens, block {args.block}, batch {args.batch_size}, "
