@@ -139,7 +139,7 @@ def val_loss(weights: Path, shard: Path, max_samples: int) -> float:
     model.load_state_dict(torch.load(weights / "lit_model.pth", weights_only=True)["model"])
     total, count = 0.0, 0
     with torch.no_grad():
-        for window in ValWindows(shard, SEQ + 1, max_samples):
+        for window in ValWindows(shard, SEQ + 1, max_samples, masked=False):
             window = window.long()
             total += F.cross_entropy(model(window[None, :-1])[0], window[1:], reduction="sum").item()
             count += SEQ
