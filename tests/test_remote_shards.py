@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import socket
 import subprocess
@@ -20,11 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from midtrain.cli import run
 from midtrain.data.mixture import MixtureSpec, resolve_mixture
 from midtrain.data.shards import discover_shards, load_shard
 from midtrain.data.synthetic import write_tree
 from midtrain.errors import MidtrainError
+from midtrain.train.checkpoints import find_latest, read_train_state
 
 LAYOUT = {"1": 9_000, "2": 5_000, "c1": 4_000, "m1": 3_000}
 
@@ -201,3 +205,66 @@ def test_remote_errors_name_the_problem(s3_server, remote_tree):
         discover_shards(url, storage_options=plain)
     with pytest.raises(MidtrainError, match=r"storage_options \['endpoint_url', 'endpoint_urll'.*not all boto3"):
         discover_shards(url, storage_options={"endpoint_url": s3_server["endpoint_url"], "endpoint_urll": "x"})
+
+
+MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512}
+
+
+def _train_config(out: Path, data_path: str, val_path: str, storage_options: dict | None) -> Path:
+    cfg = {
+        "model_config": MODEL,
+        "out_dir": str(out),
+        "precision": "32-true",
+        "accelerator": "cpu",
+        "devices": 1,
+        "data": {
+            "class_path": "midtrain.data.ShardedMixedDataset",
+            "init_args": {
+                "data_path": data_path,
+                "val_data_path": {"v": val_path},
+                "mix_weights_str": "main:0.6,code:0.3,math:0.1",
+                "storage_options": storage_options,
+                "num_workers": 2,
+            },
+        },
+        "train": {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 4, "save_interval": 3},
+        "eval": {"interval": 3, "max_samples": 16, "final_validation": True},
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+    }
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _metrics(out: Path) -> dict[tuple[int, str], float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], k): v for r in rows for k, v in r.items() if k == "loss" or k.startswith("val/")}
+
+
+def test_training_and_resume_stream_remote_shards(s3_server, remote_tree, tmp_path, capsys):
+    """A few training steps and a resume read the shards from the server; losses equal a local run's."""
+    bucket = remote_tree[1].removeprefix("s3://").split("/")[0]
+    local = write_tree(tmp_path / "corpus", {**LAYOUT, "val": 3_000}, chunk_tokens=1_100)  # token IDs < 512
+    _upload(s3_server, local, f"s3://{bucket}/train")
+    here = tmp_path / "local"
+    run("pretrain", ["--config", str(_train_config(here, str(local), str(local / "val"), None))])
+
+    remote = tmp_path / "remote"
+    cfg = _train_config(remote, f"s3://{bucket}/train", f"s3://{bucket}/train/val", s3_server)
+    capsys.readouterr()
+    plan = run("inspect", ["--config", str(cfg)])  # the dry run: mixture table of the remote shards
+    assert f"data_path: s3://{bucket}/train (4 shards, 21,000 tokens)" in capsys.readouterr().out
+    assert [(r.shard_id, r.tokens, r.weight) for r in plan] == [
+        (r.shard_id, r.tokens, r.weight) for r in run("inspect", ["--config", str(here.with_suffix(".yaml"))])
+    ]
+    cache = tmp_path / "litdata-cache"
+    env = {**os.environ, "LITDATA_CACHE_DIR": str(cache), "AWS_EC2_METADATA_DISABLED": "true"}
+    for args in (["--train.max_additional_steps", "3"], ["--resume", "auto"]):  # steps 1-3, then resume 4-6
+        cmd = [sys.executable, "-m", "midtrain", "pretrain", "--config", str(cfg), *args]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert read_train_state(find_latest(remote))["step"] == 6
+    expected, got = _metrics(here), _metrics(remote)
+    assert sorted(k for k in got if k[1] == "loss") == [(s, "loss") for s in range(1, 7)]
+    assert got.keys() == expected.keys() and got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert sorted(p.name for p in cache.rglob("chunk-*.bin")), "litdata cached the streamed chunks"

@@ -90,6 +90,7 @@ class MixedStream(IterableDataset):
         seed: int = 42,
         generation: int = 0,
         shuffle: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if not sources:
             raise MidtrainError("A mixture needs at least one source with weight > 0.")
@@ -107,6 +108,7 @@ class MixedStream(IterableDataset):
                 shuffle=shuffle,
                 seed=self.seed,
                 drop_last=True,
+                storage_options=storage_options,
             )
             for s in sources
         ]

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from midtrain.data.mixed_stream import MixedLoader, MixedStream, Source
 from midtrain.data.mixture import MODE_FIELDS, Mixture, MixtureSpec, resolve_mixture
+from midtrain.data.remote import is_remote
 from midtrain.data.shards import Shard, discover_shards, load_shard, read_index
 from midtrain.errors import MidtrainError
 
@@ -37,10 +38,12 @@ class Stage:
 class ShardedMixedDataset(DataModule):
     """Weighted mixture of litdata token shards under ``data_path`` (see ``midtrain.data.mixture``)."""
 
-    data_path: Path | None = None
-    """Directory holding the shard folders (``1``, ``2``, ``c1``, ``m1``, ...)."""
+    data_path: str | Path | None = None
+    """Directory holding the shard folders (``1``, ``2``, ``c1``, ``m1``, ...); may be ``s3://…`` or ``gs://…``."""
     val_data_path: str | dict[str, str] | None = None
-    """A validation shard directory, or a mapping ``name -> shard directory`` for several sets."""
+    """A validation shard directory, or a mapping ``name -> shard directory`` for several sets (local or remote)."""
+    storage_options: dict[str, Any] | None = None
+    """For remote shards: options of the storage client, passed to litdata as they are (e.g. ``endpoint_url``)."""
     mix_weights_str: str | dict[str, float] | None = None
     """Weighted mode: per-type weights, e.g. ``main:0.8,code:0.2``."""
     literal_weights_str: str | dict[str, float] | None = None
@@ -73,7 +76,7 @@ class ShardedMixedDataset(DataModule):
         super().__init__()
         if self.num_workers < 0:
             raise MidtrainError(f"data.num_workers must be >= 0, got {self.num_workers}.")
-        self.shards: list[Shard] = discover_shards(self.data_path, self.shard_types)
+        self.shards: list[Shard] = discover_shards(self.data_path, self.shard_types, self.storage_options)
         self.spec = MixtureSpec(
             mix_weights_str=self.mix_weights_str,
             literal_weights_str=self.literal_weights_str,
@@ -101,12 +104,15 @@ class ShardedMixedDataset(DataModule):
             stages.append(Stage(at_step=at, spec=spec, mixture=resolve_mixture(spec, self.shards, self.shard_types)))
         return stages
 
-    def _resolve_val_paths(self) -> dict[str, Path]:
+    def _resolve_val_paths(self) -> dict[str, Path | str]:
         if self.val_data_path is None:
             return {}
         raw = self.val_data_path if isinstance(self.val_data_path, dict) else {"val": self.val_data_path}
-        paths = {}
+        paths: dict[str, Path | str] = {}
         for name, path in raw.items():
+            if is_remote(path):
+                paths[str(name)] = load_shard(str(name), "val", path, self.storage_options).path  # checks index.json
+                continue
             p = Path(path).expanduser()
             if not p.is_dir():
                 raise MidtrainError(f"Validation set {name!r}: {p} does not exist.")
@@ -129,7 +135,7 @@ class ShardedMixedDataset(DataModule):
             for row in stage.mixture.active:
                 row.shard.check_block_size(self.block_size)
         for name, path in self.val_paths.items():
-            load_shard(name, "val", path).check_block_size(self.block_size)
+            load_shard(name, "val", path, self.storage_options).check_block_size(self.block_size)
 
     def stage_at(self, step: int) -> tuple[int, Stage]:
         """Index and stage in force at optimizer step ``step``."""
@@ -143,7 +149,13 @@ class ShardedMixedDataset(DataModule):
             Source(id=r.shard.id, type=r.shard.type, path=str(r.shard.path), tokens=r.shard.tokens, weight=r.weight)
             for r in stage.mixture.active
         ]
-        stream = MixedStream(sources, block_size=self.block_size, batch_size=self.batch_size, seed=self.seed)
+        stream = MixedStream(
+            sources,
+            block_size=self.block_size,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            storage_options=self.storage_options,
+        )
         return MixedLoader(stream, num_workers=self.num_workers, plain=not self.with_source)
 
     def val_dataloader(self) -> DataLoader | None:
@@ -155,7 +167,10 @@ class ShardedMixedDataset(DataModule):
         """One loader per named validation set, each over a fixed, rank-split sample budget."""
         self._require_connected()
         return {
-            name: DataLoader(ValWindows(path, self.block_size, max_samples), batch_size=batch_size or self.batch_size)
+            name: DataLoader(
+                ValWindows(path, self.block_size, max_samples, self.storage_options),
+                batch_size=batch_size or self.batch_size,
+            )
             for name, path in self.val_paths.items()
         }
 
@@ -172,9 +187,17 @@ class ValWindows(Dataset):
     all-reduced loss does not depend on the device count or the micro-batch size.
     """
 
-    def __init__(self, path: Path, block_size: int, max_samples: int | None = None) -> None:
-        self.dataset = StreamingDataset(str(path), item_loader=TokensLoader(block_size=block_size), shuffle=False)
-        total = load_shard("val", "val", Path(path)).samples(block_size)
+    def __init__(
+        self,
+        path: Path | str,
+        block_size: int,
+        max_samples: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.dataset = StreamingDataset(
+            str(path), item_loader=TokensLoader(block_size=block_size), shuffle=False, storage_options=storage_options
+        )
+        total = load_shard("val", "val", path, storage_options).samples(block_size)
         n = total if max_samples is None else min(total, int(max_samples))
         rank, world = self.dataset.distributed_env.global_rank, self.dataset.distributed_env.world_size
         self.indices = [i * total // n for i in range(rank, n, world)]
