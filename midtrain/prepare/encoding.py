@@ -21,16 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from midtrain.errors import MidtrainError
+from midtrain.tokenizer_fingerprint import tokenizer_fingerprint
 
 BATCH_DOCS = 128
 BATCH_CHARS = 1 << 18
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-)
 
 
 @dataclass(frozen=True)
@@ -45,18 +39,6 @@ class TokenizerSpec:
     eos_id: int
     vocab_size: int  # including added tokens: every ID is below it
     fingerprint: str
-
-
-def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
-    """sha256 over the tokenizer model file and its config files (names and contents)."""
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        path = Path(tokenizer_dir) / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0")
-            digest.update(path.read_bytes())
-            digest.update(b"\0")
-    return digest.hexdigest()
 
 
 def load_tokenizer_spec(tokenizer_dir: Path) -> TokenizerSpec:

@@ -17,8 +17,8 @@ from midtrain.data.shards import MAIN_TYPE, classify
 from midtrain.errors import MidtrainError
 from midtrain.prepare.encoding import TokenizerSpec
 from midtrain.prepare.inputs import InputSource
+from midtrain.tokenizer_fingerprint import MANIFEST_NAME
 
-MANIFEST_NAME = "prepare.json"
 VAL_DIR = "val"
 
 
