@@ -298,6 +298,7 @@ def main(
             "tokenizer_fingerprint": fingerprint,
             "world_size": world,
             "reason": reason,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,
         }
         path = save_checkpoint(
             fabric,
@@ -328,6 +329,8 @@ def main(
     last = torch.zeros(2, 3, dtype=torch.float64, device=fabric.device)
     window = torch.zeros_like(last)
     n_sources = len(replay_loader.sources) if replay_loader is not None else 0
+    own = checkpoint is not None and checkpoint.parent.resolve() == out_dir.resolve()
+    prior_seconds = float(saved.get("train_seconds", 0.0)) if own else 0.0  # this run's earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -431,7 +434,7 @@ def main(
                 "tokens": counts,
                 "replay_tokens_by_source": replay_by_source,
                 "val": final_losses,
-                "train_seconds": time.perf_counter() - t_start,
+                "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
             },
         )
 

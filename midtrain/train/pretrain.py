@@ -239,6 +239,7 @@ def main(
             "tokenizer_fingerprint": fingerprint,
             "world_size": fabric.world_size,
             "reason": reason,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,
         }
         path = save_checkpoint(
             fabric,
@@ -264,6 +265,8 @@ def main(
     # ---- the loop: one iteration = one optimizer step -----------------------------------------
     train_iter = iter(loader)
     sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)  # per type: loss, sequences
+    own = checkpoint is not None and checkpoint.parent.resolve() == out_dir.resolve()
+    prior_seconds = float(saved.get("train_seconds", 0.0)) if own else 0.0  # this run's earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -374,7 +377,7 @@ def main(
                 "tokens_by_source": tokens_by_source,
                 "tokens_by_type": _by_type(tokens_by_source, data),
                 "mixture_history": history,
-                "train_seconds": time.perf_counter() - t_start,
+                "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
             },
         )
 

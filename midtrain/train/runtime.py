@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -20,9 +19,9 @@ from litgpt.model import GPT, Block
 from litgpt.utils import get_default_supported_precision, parse_devices
 from torch.utils.data import DataLoader
 
+from midtrain import preemption
 from midtrain.errors import MidtrainError
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the sbatch scripts requeue on it
+from midtrain.preemption import EXIT_PREEMPTED  # noqa: F401  (re-exported for the loops)
 
 
 def build_fabric(
@@ -105,15 +104,14 @@ class PreemptionFlag:
     """Set by a signal (SLURM sends one before the time limit); read at step boundaries on every rank."""
 
     def __init__(self, signal_name: str | None) -> None:
-        self.requested = False
-        if signal_name:
-            sig = getattr(signal, signal_name, None)
-            if not isinstance(sig, signal.Signals):
-                raise MidtrainError(f"Unknown preemption signal {signal_name!r}; use e.g. SIGUSR1, SIGTERM.")
-            signal.signal(sig, self._handle)
+        if signal_name:  # usually installed already at process start (midtrain.cli.main); a signal since then counts
+            preemption.install(signal_name)
+        else:
+            preemption.uninstall()
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return preemption.requested()
 
     def agreed(self, fabric: L.Fabric) -> bool:
         """True on every rank when any rank got the signal."""
