@@ -6,7 +6,7 @@
 # Environment knobs (all optional):
 #   MIDTRAIN_SITE   site file to source (default training_scripts/site.sh; submit.sh passes --site=FILE)
 #   MIDTRAIN_CMD    the midtrain executable (default: midtrain); tests point it at a stub
-#   MIDTRAIN_SRUN   launcher prefix (default: srun; empty = run the task directly in the batch shell)
+#   MIDTRAIN_SRUN   launcher prefix (default: srun --kill-on-bad-exit=1; empty = run the task in the batch shell)
 #   DRY_RUN=1       print the command(s) of every array task instead of running
 #   SLURM_*         set by SLURM inside a job: SLURM_JOB_ID, SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID,
 #                   SLURM_NNODES, SLURM_GPUS_ON_NODE, SLURM_NTASKS_PER_NODE (never read in a dry run)
@@ -24,7 +24,9 @@ note() { echo "midtrain-sbatch: $*" >&2; }
 load_site() {
     local site="${MIDTRAIN_SITE:-$MIDTRAIN_REPO/training_scripts/site.sh}"
     [[ -f "$site" ]] || die "no site file $site; copy training_scripts/site.example.sh to training_scripts/site.sh and edit it"
-    MIDTRAIN_SITE="$(cd "$(dirname "$site")" && pwd)/$(basename "$site")"
+    local dir
+    dir="$(cd "$(dirname "$site")" && pwd)" && [[ -n "$dir" ]] || die "cannot resolve the directory of site file $site"
+    MIDTRAIN_SITE="$dir/$(basename "$site")"
     # shellcheck disable=SC1090
     source "$MIDTRAIN_SITE"
     MIDTRAIN_ROOT="${MIDTRAIN_ROOT:-$MIDTRAIN_REPO}"
@@ -222,14 +224,15 @@ parse_args() {
 }
 
 srun_prefix() {
-    if [[ -n "${MIDTRAIN_SRUN+x}" ]]; then echo "$MIDTRAIN_SRUN"; else echo "srun"; fi
+    if [[ -n "${MIDTRAIN_SRUN+x}" ]]; then echo "$MIDTRAIN_SRUN"; else echo "srun --kill-on-bad-exit=1"; fi
 }
 
 # task_command CONFIG: the whole command of this task, one argument per line: the launcher, task.sh (sets the
 # environment up inside each task, turns a preempted task into a clean end of the step), then the midtrain
 # command that build_command (defined by each *.sbatch) prints for CONFIG.
-# No --kill-on-bad-exit trouble: task.sh exits 0 for a preempted task, so srun never kills a sibling
-# rank that is still writing its part of the checkpoint (rank 0 exiting 75 first made the step end 143).
+# --kill-on-bad-exit stays (a crashed rank must not leave the others hanging in a collective until the
+# time limit): task.sh exits 0 for a preempted task, so srun never kills a sibling rank that is still
+# writing its part of the checkpoint (rank 0 exiting 75 first used to make the step end 143, FAILED).
 task_command() {
     local cfg="$1" word
     for word in $(srun_prefix); do echo "$word"; done
