@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, set_docstring_parse_options
 
+from midtrain import preemption
 from midtrain.errors import MidtrainError
 
 # command -> (signature function, what it does). Imported lazily so `midtrain --help` is fast.
@@ -81,10 +82,14 @@ def run(command: str, args: list[str]) -> Any:
         from midtrain.inspect_mixture import inspect
 
         return inspect(**kwargs)
-    return fn(**kwargs)
+    try:
+        return fn(**kwargs)
+    finally:
+        preemption.clear()  # acted on (or too late to matter): a next command in this process starts clean
 
 
 def main(argv: list[str] | None = None) -> None:
+    preemption.install()  # first: a SLURM signal during the imports and setup below still means checkpoint + requeue
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))

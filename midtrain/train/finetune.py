@@ -274,6 +274,7 @@ def main(
             },
             "tokens": counts,
             "base_checkpoint": str(base),
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         }
         return run.save(step, train_state, reason)
 
@@ -287,6 +288,7 @@ def main(
     last = torch.zeros(2, 3, dtype=torch.float64, device=fabric.device)
     window = torch.zeros_like(last)
     n_sources = len(replay_loader.sources) if replay_loader is not None else 0
+    prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -375,7 +377,7 @@ def main(
             "epochs": sft_consumed / len(train_set),
             "tokens": counts,
             "replay_tokens_by_source": replay_by_source,
-            "train_seconds": time.perf_counter() - t_start,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         },
     )  # fmt: skip
 

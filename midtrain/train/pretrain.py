@@ -215,6 +215,7 @@ def main(
             },
             "mixture_history": history,
             "loader": loader.state_dict(),
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         }
         return run.save(step, train_state, reason)
 
@@ -224,6 +225,7 @@ def main(
     # ---- the loop: one iteration = one optimizer step -----------------------------------------
     train_iter = iter(loader)
     sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)  # per type: loss, sequences
+    prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -318,7 +320,7 @@ def main(
             "tokens_by_source": tokens_by_source,
             "tokens_by_type": _by_type(tokens_by_source, data),
             "mixture_history": history,
-            "train_seconds": time.perf_counter() - t_start,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         },
     )  # fmt: skip
 
