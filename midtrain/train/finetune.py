@@ -49,9 +49,7 @@ from midtrain.train.runtime import (
     build_fabric,
     build_model_and_optimizer,
     check_weights_tokenizer,
-    gather_objects,
     load_initial_weights,
-    rank_loader_state,
     resolve_start,
     run_config,
     sequence_losses,
@@ -207,7 +205,8 @@ def main(
         val_loaders[name] = DataLoader(ValWindows(path, seq_len + 1, eval.max_samples), batch_size=eval_batch)
     replay_loader = None
     if n_replay:
-        replay_data.connect(tokenizer, batch_size=n_replay // world, max_seq_length=seq_len, with_source=True)
+        replay_data.connect(tokenizer, batch_size=n_replay // world, max_seq_length=seq_len, with_source=True,
+                            global_batch_size=n_replay)
         replay_loader = replay_data.train_dataloader()
 
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
@@ -248,7 +247,7 @@ def main(
         counts = {k: int(saved["tokens"][k]) for k in counts}
         replay_by_source = dict(saved["replay"]["tokens_by_source"])
         if replay_loader is not None and saved["replay"]["loader"]:
-            replay_loader.load_state_dict(rank_loader_state(fabric, saved["replay"]["loader"]))
+            replay_loader.load_state_dict(saved["replay"]["loader"])
         fabric.print(f"({sft_consumed} SFT samples consumed.)")
     else:
         load_initial_weights(fabric, model, base)
@@ -273,7 +272,7 @@ def main(
             "replay": {
                 "ratio": replay.ratio,
                 "sequences_per_step": n_replay,
-                "loader": gather_objects(fabric, replay_loader.state_dict()) if replay_loader is not None else None,
+                "loader": replay_loader.state_dict() if replay_loader is not None else None,
                 "tokens_by_source": replay_by_source,
             },
             "tokens": counts,

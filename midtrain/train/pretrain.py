@@ -31,9 +31,7 @@ from midtrain.train.runtime import (
     build_fabric,
     build_model_and_optimizer,
     check_weights_tokenizer,
-    gather_objects,
     load_initial_weights,
-    rank_loader_state,
     resolve_start,
     run_config,
     sequence_losses,
@@ -157,7 +155,8 @@ def main(
 
     # ---- data --------------------------------------------------------------------------------
     tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len, with_source=True)
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len, with_source=True,
+                 global_batch_size=train.global_batch_size)
     val_loaders = data.val_dataloaders(max_samples=eval.max_samples, batch_size=eval.batch_size)
     types = sorted({r.shard.type for s in data.stage_list for r in s.mixture.active})
     run = TrainingRun(
@@ -180,7 +179,7 @@ def main(
     stage_index, stage = data.stage_at(step)
     loader = data.train_dataloader(step)
     if start.checkpoint is not None:
-        loader.load_state_dict(rank_loader_state(fabric, saved["loader"]))
+        loader.load_state_dict(saved["loader"])  # the same on every rank
         if saved["mixture"]["weights"] != stage.mixture.weights_by_id():
             history.append(_switch(step, saved["mixture"], stage.mixture, f"resume from {start.checkpoint}"))
             fabric.print(f"Mixture changed at step {step}: {history[-1]['from']} -> {history[-1]['to']}")
@@ -218,7 +217,7 @@ def main(
                 "weights": stage.mixture.weights_by_id(),
             },
             "mixture_history": history,
-            "loader": gather_objects(fabric, loader.state_dict()),
+            "loader": loader.state_dict(),
         }
         return run.save(step, train_state, reason)
 

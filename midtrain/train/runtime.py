@@ -164,15 +164,6 @@ class PreemptionFlag:
         return bool(fabric.all_reduce(flag, reduce_op="sum").item() > 0)
 
 
-def gather_objects(fabric: L.Fabric, obj: object) -> list:
-    """Every rank's ``obj``, in rank order."""
-    if fabric.world_size == 1:
-        return [obj]
-    out: list = [None] * fabric.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def run_config(local_vars: dict) -> dict:
     """The run config as plain data (saved with every checkpoint)."""
 
@@ -188,14 +179,6 @@ def run_config(local_vars: dict) -> dict:
         return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
 
     return {k: plain(v) for k, v in local_vars.items() if not k.startswith("_")}
-
-
-def rank_loader_state(fabric: L.Fabric, states: list[dict]) -> dict:
-    """This rank's saved loader state; with another world size, rank 0's (the loader then reshuffles)."""
-    if len(states) == fabric.world_size:
-        return states[fabric.global_rank]
-    return states[0]
-
 
 
 def check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str | None, path: Path) -> None:
