@@ -48,6 +48,7 @@ from midtrain.train.runtime import (
     begin_run,
     build_fabric,
     build_model_and_optimizer,
+    check_weights_tokenizer,
     load_initial_weights,
     resolve_start,
     run_config,
@@ -212,6 +213,8 @@ def main(
     note = check_shard_tokenizers(tokenizer_dir, [path for _, path in shard_sets] + _replay_shards(replay_data))
     if note:
         fabric.print(note)
+    if start.checkpoint is None:
+        check_weights_tokenizer(base, tokenizer_dir)
     if not begin_run(fabric, start, end_step):
         return
 

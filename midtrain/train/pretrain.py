@@ -30,6 +30,7 @@ from midtrain.train.runtime import (
     begin_run,
     build_fabric,
     build_model_and_optimizer,
+    check_weights_tokenizer,
     load_initial_weights,
     resolve_start,
     run_config,
@@ -136,10 +137,12 @@ def main(
     schedule = train.schedule()
     start = resolve_start(fabric, resume, out_dir, initial_checkpoint_dir)
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
-    if tokenizer_dir is not None:
-        note = check_shard_tokenizers(tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values()))
-        if note:
-            fabric.print(note)
+    if tokenizer_dir is None:
+        fabric.print("note: no tokenizer_dir, so the tokenizer the shards were prepared with is not checked.")
+    elif note := check_shard_tokenizers(tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values())):
+        fabric.print(note)
+    if start.checkpoint is None and initial_checkpoint_dir is not None:
+        check_weights_tokenizer(initial_checkpoint_dir, tokenizer_dir)
     if not begin_run(fabric, start, end_step):
         return
 

@@ -32,10 +32,12 @@ from midtrain.train.checkpoints import (
     FINAL_DIR,
     MARKER_FILE,
     MODEL_FILE,
+    TRAIN_STATE_FILE,
     find_latest,
     load_checkpoint,
     prune_checkpoints,
     read_train_state,
+    read_weights_only,
     resolve_resume,
     save_checkpoint,
     save_final,
@@ -361,21 +363,31 @@ def build_model_and_optimizer(
     return model, fabric.setup_optimizers(optimizer)
 
 
+def check_weights_tokenizer(directory: Path, tokenizer_dir: Path | None) -> None:
+    """Refuse starting weights that one of our runs trained with another tokenizer than ``tokenizer_dir``."""
+    recorded = (_read_json(Path(directory) / TRAIN_STATE_FILE) or {}).get("tokenizer") or {}
+    if tokenizer_dir is None or recorded.get("fingerprint") is None:
+        return
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    if recorded["fingerprint"] != fingerprint:
+        raise MidtrainError(
+            f"{directory} was trained with tokenizer {recorded.get('directory')} (fingerprint "
+            f"{recorded['fingerprint'][:12]}), this run uses {tokenizer_dir} (fingerprint {fingerprint[:12]}); token "
+            "IDs would not mean the same thing. Use the tokenizer the weights were trained with."
+        )
+
+
 def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
     """Model weights from a litgpt checkpoint dir (plain ``lit_model.pth``) or one of ours (``{"model": ...}``).
 
     Call on every rank after ``fabric.setup``, as litgpt does: the strategy loads them (FSDP gathers and
     re-shards; nothing is loaded into a meta model). The file is read with ``weights_only=True``.
     """
-    path = Path(directory) / MODEL_FILE
+    directory = Path(directory)
+    path = directory / MODEL_FILE
     if not path.is_file():
         raise MidtrainError(f"{directory} has no {MODEL_FILE}; point it at a litgpt or midtrain checkpoint directory.")
-    try:
-        head = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise MidtrainError(f"Cannot read {path} as plain weights (weights_only=True): {err}") from err
-    wrapped = isinstance(head.get("model"), dict)
-    del head
+    wrapped = isinstance(read_weights_only(path).get("model"), dict)
     try:
         if wrapped:
             fabric.load(path, {"model": model}, strict=True, weights_only=True)
