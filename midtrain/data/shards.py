@@ -154,23 +154,22 @@ def classify(name: str, table: dict[str, str]) -> tuple[str, str] | None:
 def discover_shards(data_path: str | Path, shard_types: dict[str, str] | None = None) -> list[Shard]:
     """All shards directly under ``data_path``, sorted by type then number.
 
-    Directories whose names are not shard names (e.g. ``val``, ``tokenizer``) are ignored; a
-    directory with a shard name but a missing or corrupt ``index.json`` is an error.
+    Directories whose names are not shard names (e.g. ``val``, ``tokenizer``) are ignored unless they
+    hold an ``index.json`` (see :func:`check_shard_names`); a directory with a shard name but a missing
+    or corrupt ``index.json`` is an error, and so are two directories with one ID (``1`` and ``01``).
     """
     if data_path is None:
         raise MidtrainError("data.data_path is not set; point it at the directory holding the shard folders.")
     root = Path(data_path).expanduser()
     if not root.is_dir():
-        raise MidtrainError(f"data_path {root} does not exist or is not a directory.")
+        hint = ""
+        if root.name == "demo":
+            hint = f"; build the demo corpus first: `midtrain prepare demo --data_path {data_path}` (or `make demo`)"
+        raise MidtrainError(f"data_path {root} does not exist or is not a directory{hint}.")
     table = shard_type_table(shard_types)
-    shards = []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir() or child.name.startswith((".", "_")):
-            continue
-        found = classify(child.name, table)
-        if found is None:
-            continue
-        shards.append(load_shard(found[0], found[1], child))
+    children = [c for c in sorted(root.iterdir()) if c.is_dir() and not c.name.startswith((".", "_"))]
+    named = check_shard_names([(c.name, (c / "index.json").is_file()) for c in children], table)
+    shards = [load_shard(shard_id, shard_type, root / name) for name, (shard_id, shard_type) in named.items()]
     if not shards:
         names = ", ".join(f"{t}: {p}1" for t, p in table.items())
         raise MidtrainError(
@@ -178,6 +177,42 @@ def discover_shards(data_path: str | Path, shard_types: dict[str, str] | None = 
             f"({names}), each holding a litdata index.json."
         )
     return sorted(shards, key=_sort_key)
+
+
+NOT_SHARDS = frozenset({"val", "valid", "validation", "test", "eval", "tokenizer"})
+"""Directory names under ``data_path`` that are never shards, even with an ``index.json`` (validation sets)."""
+
+
+def check_shard_names(entries: list[tuple[str, bool]], table: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """``{directory name: (shard ID, type)}`` for the shard directories among ``(name, has index.json)`` entries.
+
+    Two directories with the same ID (``1`` and ``01``) are an error, and so is a directory that holds an
+    ``index.json`` but whose name is not a shard name (``code1``): it would otherwise be dropped silently.
+    """
+    named: dict[str, tuple[str, str]] = {}
+    owner: dict[str, str] = {}
+    for name, has_index in entries:
+        found = classify(name, table)
+        if found is None:
+            if has_index and name not in NOT_SHARDS:
+                prefixes = ", ".join(f"{p}<n> ({t})" for t, p in table.items())
+                raise MidtrainError(
+                    f"Directory {name!r} under data_path holds an index.json but is not a shard name: use 1, 2, ... "
+                    f"(main) or {prefixes}; rename it or add its type (data.shard_types: {{mytype: {_letters(name)}}})."
+                )
+            continue
+        if found[0] in owner:
+            raise MidtrainError(
+                f"Directories {owner[found[0]]!r} and {name!r} under data_path are both shard {found[0]}; "
+                "keep one of them (shard IDs must be unique)."
+            )
+        owner[found[0]] = name
+        named[name] = found
+    return named
+
+
+def _letters(name: str) -> str:
+    return re.sub(r"[^A-Za-z_]", "", name) or "x"
 
 
 def _sort_key(shard: Shard) -> tuple:

@@ -25,6 +25,7 @@ from litgpt.utils import choose_logger, chunked_cross_entropy, instantiate_torch
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
+from midtrain.preflight import check_pretrain
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.checkpoints import (
     find_latest,
@@ -97,6 +98,11 @@ def setup(
         compile: ``torch.compile`` the model.
         preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
     """
+    check_pretrain(
+        model_name=model_name, model_config=model_config, data=data, train=train, eval=eval, devices=devices,
+        num_nodes=num_nodes, accelerator=accelerator, resume=resume, out_dir=out_dir,
+        initial_checkpoint_dir=initial_checkpoint_dir, tokenizer_dir=tokenizer_dir, logger_name=logger_name,
+    )
     if (model_name is None) == (model_config is None):
         raise MidtrainError("Give exactly one of model_name (a litgpt model name) or model_config.")
     if data is None:
