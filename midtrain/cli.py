@@ -31,7 +31,7 @@ from midtrain.errors import MidtrainError
 
 # command -> (signature function, what it does). Imported lazily so `midtrain --help` is fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("midtrain.data.prepare:prepare", "Tokenise raw corpora into a typed token shard."),
+    "prepare": ("midtrain.prepare:prepare", "Tokenise raw corpora into a typed token shard."),
     "inspect": ("midtrain.train.pretrain:setup", "Dry run: print the resolved mixture table of a pretrain config."),
     "migrate": ("midtrain.migrate:migrate_file", "Rewrite a config of the research fork as a midtrain config."),
     "pretrain": ("midtrain.train.pretrain:setup", "Pretrain / midtrain on a mixture of token shards."),

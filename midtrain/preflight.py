@@ -128,6 +128,11 @@ def check_resume(resume: Any, out_dir: Path | str, initial_checkpoint_dir: Path 
     own = find_latest(out_dir) if Path(out_dir).is_dir() else None
     if own is None:
         resolve_resume(resume, out_dir)
+    elif resume is None or resume is False:
+        raise MidtrainError(
+            f"{out_dir} already holds checkpoints (newest {own.name}) and resume is false; use resume: auto "
+            "to continue that run, or another out_dir to start a new one."
+        )
     if initial_checkpoint_dir is not None:
         path = Path(initial_checkpoint_dir).expanduser()
         if not (path / "lit_model.pth").is_file():

@@ -30,13 +30,13 @@ import sysconfig
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from midtrain.data.prepare import (
+from midtrain.errors import MidtrainError
+from midtrain.prepare import (
     VAL_DIR,
     TokenizerSpec,
     load_tokenizer_spec,
     tokenize_to_shard,
 )
-from midtrain.errors import MidtrainError
 
 EOS = "<|endoftext|>"
 DEMO_MARKER = "demo.json"
