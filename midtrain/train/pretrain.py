@@ -18,13 +18,14 @@ from lightning.fabric.utilities.throughput import get_available_flops, measure_f
 from litgpt.config import Config
 from litgpt.model import GPT
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import choose_logger, chunked_cross_entropy
+from litgpt.utils import chunked_cross_entropy
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
 from midtrain.preflight import check_pretrain
 from midtrain.tokenizer_fingerprint import check_shard_tokenizers
 from midtrain.train.args import EvalArgs, TrainArgs
+from midtrain.train.loggers import build_logger
 from midtrain.train.runtime import (
     PreemptionFlag,
     TrainingRun,
@@ -100,7 +101,7 @@ def setup(
     train.validate()
     hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
-    logger = choose_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
+    logger = build_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
     fabric._loggers = [logger]
     fabric.launch(
         main,
