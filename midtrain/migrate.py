@@ -10,6 +10,7 @@ with the LR horizon fixed in code (61,035 steps in the paper) and stopped it wit
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,35 @@ def _schedule(train: dict, max_steps: int, changes: list[str]) -> None:
         changes.append(f"train.stable_steps: {stable} dropped (only meaningful with lr_scheduler: decay)")
 
 
+def _mixture(init: dict, changes: list[str]) -> None:
+    """The fork's mixture spellings midtrain reads differently: type names in literal mode, ``{weights: ...}`` files."""
+    from midtrain.data.shards import DEFAULT_SHARD_TYPES, MAIN_TYPE
+
+    literal = init.get("literal_weights_str")
+    if isinstance(literal, str):
+        names = [p.rpartition(":")[0].strip() for p in literal.split(",") if ":" in p]
+        if names and all(n in (MAIN_TYPE, *DEFAULT_SHARD_TYPES) for n in names):
+            init["mix_weights_str"] = init.pop("literal_weights_str")
+            changes.append(
+                f"data.init_args.literal_weights_str: {literal!r} -> mix_weights_str (it names types, not shard IDs; "
+                "the fork skipped literal IDs it did not find)"
+            )
+    path = init.get("mix_config_path")
+    if path:
+        try:
+            spec = json.loads(Path(path).expanduser().read_text())
+        except (OSError, json.JSONDecodeError):
+            changes.append(f"data.init_args.mix_config_path: {path} kept (not readable here; midtrain expects the "
+                           "fields of one mode in it, e.g. mix_weights_str)")
+            return
+        if isinstance(spec, dict) and set(spec) == {"weights"} and isinstance(spec["weights"], dict):
+            weights = ",".join(f"{k}:{v}" for k, v in spec["weights"].items())
+            init["mix_weights_str"] = weights
+            del init["mix_config_path"]
+            changes.append(f"data.init_args.mix_config_path: {path} (the fork's {{weights: ...}} file) -> "
+                           f'mix_weights_str: "{weights}"')
+
+
 def _drop_unknown(where: str, section: dict, target: Any, changes: list[str], why: dict[str, str]) -> None:
     accepted = fields_of(target) or {}
     for key in [k for k in section if k not in accepted]:
@@ -117,16 +147,18 @@ def migrate(
         data["class_path"] = DATA
         why = "same fields, midtrain's module" if old_class == FORK_DATA else "data_path must hold litdata token shards"
         changes.append(f"data.class_path: {old_class} -> {DATA} ({why})")
+    stale_weight = init.get("mix_weight")
+    _mixture(init, changes)
     _drop_unknown(
         "data.init_args.", init, ShardedMixedDataset, changes,
-        {"mix_weight": "stale: the fork no longer read it; the mixture is mix_weights_str"},
+        {"mix_weight": "a stale field: no mixture mode reads it"},
     )
     if not any(init.get(m) for m in MODES):
         init["mix_weights_str"] = "main:1.0"
-        changes.append(
-            'data.init_args.mix_weights_str: "main:1.0" added (no mixture given: the main shards; '
-            "midtrain needs an explicit mode)"
-        )
+        why = "no mixture given: the main shards"
+        if stale_weight is not None:
+            why = f"the stale mix_weight {stale_weight} names no data type: set the mixture you meant"
+        changes.append(f'data.init_args.mix_weights_str: "main:1.0" added ({why})')
 
     train = new.setdefault("train", {})
     iters = train.pop("max_iters", None)
@@ -148,7 +180,7 @@ def migrate(
     if isinstance(new.get("eval"), dict):
         _drop_unknown("eval.", new["eval"], EvalArgs, changes, {})
 
-    _resume(new, train, init, source, pretrain_dir, out_dir, max_steps, changes)
+    _resume(new, train, init, source, pretrain_dir, out_dir, max_steps, changes, stale_weight)
     _drop_unknown("", new, setup, changes, {})
     if new.get("logger_name") == "wandb":
         changes.append("logger_name: wandb kept (needs the wandb extra: pip install 'midtrain[wandb]')")
@@ -158,14 +190,15 @@ def migrate(
 
 def _resume(
     new: dict, train: dict, init: dict, source: str, pretrain_dir: str | None, out_dir: str | None,
-    max_steps: int, changes: list[str],
+    max_steps: int, changes: list[str], stale_weight: object = None,
 ) -> None:
     """``resume: true`` + ``max_additional_steps`` -> an explicit branch checkpoint, or ``auto`` for a continuation."""
     extra = train.get("max_additional_steps")
     fork_out = new.get("out_dir")
+    stale = stale_weight
     if new.get("resume") is True and extra is not None and 0 < max_steps - int(extra) < max_steps:
         branch = max_steps - int(extra)
-        if _is_branch(init):
+        if _is_branch(init) or stale is not None:
             base = pretrain_dir or fork_out
             if base is None:
                 raise MidtrainError(f"{source}: resume: true without out_dir; pass --pretrain_dir DIR.")
@@ -217,7 +250,7 @@ def migrate_file(
         raise MidtrainError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     new, changes = migrate(cfg, str(path), pretrain_dir, out_dir, max_steps)
     header = f"# Migrated from {path.name} by `midtrain migrate`:\n" + "".join(f"#   {c}\n" for c in changes)
-    text = header + yaml.safe_dump(new, sort_keys=False, default_flow_style=None)
+    text = header + yaml.safe_dump(new, sort_keys=False, default_flow_style=False)
     report = [f"{path}: {len(changes)} changes"] + [f"  {c}" for c in changes]
     if output is None:
         print("\n".join(report), file=sys.stderr)

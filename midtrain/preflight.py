@@ -160,9 +160,9 @@ def check_pretrain(
 ) -> Config:
     """Everything ``midtrain pretrain`` checks before loading weights; returns the model's ``Config``.
 
-    ``dry_run`` (``midtrain inspect``): a resume checkpoint, initial checkpoint or tokenizer that does not
-    exist (yet) is printed as a warning, so a midtraining config can be inspected before its pretraining
-    run has reached the branch step.
+    ``dry_run`` (``midtrain inspect``): what depends on the machine rather than the config (a resume or
+    initial checkpoint or tokenizer that does not exist yet, the logger's package) is printed as a warning,
+    so a midtraining config can be inspected on a laptop before its pretraining run reached the branch step.
     """
     config = resolve_model(model_name, model_config)
     if data is None:
@@ -175,14 +175,14 @@ def check_pretrain(
     for check in (
         lambda: check_resume(resume, out_dir, initial_checkpoint_dir),
         lambda: check_tokenizer_dir(tokenizer_dir),
+        lambda: check_logger(logger_name),
     ):
         try:
             check()
         except MidtrainError as e:
             if not dry_run:
                 raise
-            print(f"WARNING: {e} `midtrain pretrain` stops here until it exists.")
-    check_logger(logger_name)
+            print(f"WARNING: {e} (`midtrain pretrain` stops here.)")
     return config
 
 

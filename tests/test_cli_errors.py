@@ -85,7 +85,7 @@ CASES: dict[str, tuple[dict | None, list[str], list[str], str]] = {
     "data_key_typo": (data("mix_weight_str", "main:1"), [], ["data.init_args.mix_weight_str",
                                                              "did you mean 'mix_weights_str'"], "inspect"),
     "wandb_not_installed": ({"logger_name": "wandb"}, [], ["needs the wandb package", "pip install 'midtrain[wandb]'"],
-                            "inspect"),
+                            "pretrain"),
     "logger_choice": ({"logger_name": "mlflow"}, [], ["logger_name", "'mlflow'", "tensorboard"], "inspect"),
     "strategy_choice": ({}, ["--strategy", "deepspeed"], ["strategy", "'deepspeed'", "fsdp"], "inspect"),
     "wrong_type": ({}, ["--train.micro_batch_size", "two"], ["train.micro_batch_size", "expected int", "'two'"],

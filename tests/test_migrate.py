@@ -66,7 +66,7 @@ def test_branch_config_gets_an_explicit_checkpoint_and_its_own_out_dir():
     assert "initial_checkpoint_dir" not in new and new["logger_name"] == "wandb"
     text = "\n".join(changes)
     for expected in ("train.max_iters: 10000000 dropped", "train.lr_scheduler: cosine -> train.lr_schedule: cosine",
-                     "data.init_args.mix_weight: 0.12 dropped (stale", "model_config: (empty) removed",
+                     "data.init_args.mix_weight: 0.12 dropped (a stale field", "model_config: (empty) removed",
                      "train.max_additional_steps: 41035 kept (counted from the branch step 20000",
                      "resume: true -> /runs/pythia_70m_pretrain/step-00020000", "logger_name: wandb kept"):
         assert expected in text, f"{expected!r} missing from:\n{text}"
@@ -155,3 +155,30 @@ def test_litgpt_train_epochs_becomes_finetune_epochs():
     args = _prepare_args("finetune", setup, ["--checkpoint_dir", "ckpt", "--train.epochs", "3"])
     assert "--train.epochs" not in args
     assert yaml.safe_load(args[args.index("--config") + 1]) == {"epochs": 3}
+
+
+def test_fork_mixture_spellings_become_midtrain_modes(tmp_path: Path):
+    """Type names in literal mode, and a mix_config_path file in the fork's ``{weights: ...}`` format."""
+    literal = fork_config("/d", "/runs/web", data__init_args__mix_weights_str=KeyError,
+                          data__init_args__literal_weights_str="main:0.80,web:0.20")  # fmt: skip
+    new, changes = migrate(literal, "web.yaml")
+    assert new["data"]["init_args"]["mix_weights_str"] == "main:0.80,web:0.20"
+    assert "literal_weights_str" not in new["data"]["init_args"] and any("names types" in c for c in changes)
+
+    mix = tmp_path / "math_only.json"
+    mix.write_text('{"weights": {"main": 0.88, "math": 0.12, "code": 0}}')
+    from_file = fork_config("/d", "/runs/math", data__init_args__mix_weights_str=KeyError,
+                            data__init_args__mix_config_path=str(mix))  # fmt: skip
+    new, _ = migrate(from_file, "math.yaml")
+    init = new["data"]["init_args"]
+    assert init == {"data_path": "/d", "num_workers": 0, "mix_weights_str": "main:0.88,math:0.12,code:0"}
+    assert new["resume"] == "/runs/math/step-00020000"
+
+
+def test_stale_mix_weight_without_a_mode_is_a_branch_with_a_mixture_to_set():
+    cfg = fork_config("/d", "/runs/math20k", data__init_args__mix_weights_str=KeyError,
+                      data__init_args__mix_weight=0.12, train__max_additional_steps=1035)  # fmt: skip
+    new, changes = migrate(cfg, "math20k.yaml")
+    assert new["resume"] == "/runs/math20k/step-00060000"
+    assert new["data"]["init_args"]["mix_weights_str"] == "main:1.0"
+    assert any("the stale mix_weight 0.12 names no data type: set the mixture you meant" in c for c in changes)
