@@ -213,9 +213,10 @@ def discover_shards(
 ) -> list[Shard]:
     """All shards directly under ``data_path``, sorted by type then number.
 
-    Directories whose names are not shard names (e.g. ``val``, ``tokenizer``) are ignored; a
-    directory with a shard name but a missing or corrupt ``index.json`` is an error. An
-    ``s3://``/``gs://`` ``data_path`` is listed with ``storage_options`` (see :func:`discover_remote_shards`).
+    Directories whose names are not shard names (e.g. ``val``, ``tokenizer``) are ignored unless they
+    hold an ``index.json`` (see :func:`check_shard_names`); a directory with a shard name but a missing
+    or corrupt ``index.json`` is an error, and so are two directories with one ID (``1`` and ``01``).
+    An ``s3://``/``gs://`` ``data_path`` is listed with ``storage_options`` (see :func:`discover_remote_shards`).
     """
     if data_path is None:
         raise MidtrainError("data.data_path is not set; point it at the directory holding the shard folders.")
@@ -223,16 +224,14 @@ def discover_shards(
         return discover_remote_shards(str(data_path), shard_types, storage_options)
     root = Path(data_path).expanduser()
     if not root.is_dir():
-        raise MidtrainError(f"data_path {root} does not exist or is not a directory.")
+        hint = ""
+        if root.name == "demo":
+            hint = f"; build the demo corpus first: `midtrain prepare demo --data_path {data_path}` (or `make demo`)"
+        raise MidtrainError(f"data_path {root} does not exist or is not a directory{hint}.")
     table = shard_type_table(shard_types)
-    shards = []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir() or child.name.startswith((".", "_")):
-            continue
-        found = classify(child.name, table)
-        if found is None:
-            continue
-        shards.append(load_shard(found[0], found[1], child))
+    children = [c for c in sorted(root.iterdir()) if c.is_dir() and not c.name.startswith((".", "_"))]
+    named = check_shard_names([(c.name, (c / "index.json").is_file()) for c in children], table)
+    shards = [load_shard(shard_id, shard_type, root / name) for name, (shard_id, shard_type) in named.items()]
     if not shards:
         raise _no_shards(root, table)
     return sorted(shards, key=_sort_key)
@@ -248,11 +247,8 @@ def discover_remote_shards(
     """
     table = shard_type_table(shard_types)
     store = RemoteStore(url, storage_options)
-    found = [
-        (classified, name)
-        for name in store.list_dirs(url)
-        if not name.startswith((".", "_")) and (classified := classify(name, table)) is not None
-    ]
+    names = [name for name in store.list_dirs(url) if not name.startswith((".", "_"))]
+    found = [(classified, name) for name, classified in check_shard_names([(n, False) for n in names], table).items()]
     if not found:
         raise _no_shards(url, table)
     with ThreadPoolExecutor(min(16, len(found))) as pool:
@@ -266,6 +262,42 @@ def _no_shards(root: Path | str, table: dict[str, str]) -> MidtrainError:
         f"No shards under {root}. Expected numbered directories (1, 2, ... for type main) or typed ones "
         f"({names}), each holding a litdata index.json."
     )
+
+
+NOT_SHARDS = frozenset({"val", "valid", "validation", "test", "eval", "tokenizer"})
+"""Directory names under ``data_path`` that are never shards, even with an ``index.json`` (validation sets)."""
+
+
+def check_shard_names(entries: list[tuple[str, bool]], table: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """``{directory name: (shard ID, type)}`` for the shard directories among ``(name, has index.json)`` entries.
+
+    Two directories with the same ID (``1`` and ``01``) are an error, and so is a directory that holds an
+    ``index.json`` but whose name is not a shard name (``code1``): it would otherwise be dropped silently.
+    """
+    named: dict[str, tuple[str, str]] = {}
+    owner: dict[str, str] = {}
+    for name, has_index in entries:
+        found = classify(name, table)
+        if found is None:
+            if has_index and name not in NOT_SHARDS:
+                prefixes = ", ".join(f"{p}<n> ({t})" for t, p in table.items())
+                raise MidtrainError(
+                    f"Directory {name!r} under data_path holds an index.json but is not a shard name: use 1, 2, ... "
+                    f"(main) or {prefixes}; rename it or add its type (data.shard_types: {{mytype: {_letters(name)}}})."
+                )
+            continue
+        if found[0] in owner:
+            raise MidtrainError(
+                f"Directories {owner[found[0]]!r} and {name!r} under data_path are both shard {found[0]}; "
+                "keep one of them (shard IDs must be unique)."
+            )
+        owner[found[0]] = name
+        named[name] = found
+    return named
+
+
+def _letters(name: str) -> str:
+    return re.sub(r"[^A-Za-z_]", "", name) or "x"
 
 
 def _sort_key(shard: Shard) -> tuple:

@@ -18,12 +18,14 @@ from lightning.fabric.utilities.throughput import get_available_flops, measure_f
 from litgpt.config import Config
 from litgpt.model import GPT
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import choose_logger, chunked_cross_entropy
+from litgpt.utils import chunked_cross_entropy
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
+from midtrain.preflight import check_pretrain
 from midtrain.tokenizer_fingerprint import check_shard_tokenizers
 from midtrain.train.args import EvalArgs, TrainArgs
+from midtrain.train.loggers import build_logger
 from midtrain.train.runtime import (
     PreemptionFlag,
     TrainingRun,
@@ -87,6 +89,11 @@ def setup(
         compile: ``torch.compile`` the model.
         preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
     """
+    check_pretrain(
+        model_name=model_name, model_config=model_config, data=data, train=train, eval=eval, devices=devices,
+        num_nodes=num_nodes, accelerator=accelerator, resume=resume, out_dir=out_dir,
+        initial_checkpoint_dir=initial_checkpoint_dir, tokenizer_dir=tokenizer_dir, logger_name=logger_name,
+    )
     if (model_name is None) == (model_config is None):
         raise MidtrainError("Give exactly one of model_name (a litgpt model name) or model_config.")
     if data is None:
@@ -95,7 +102,7 @@ def setup(
     train.validate()
     hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
-    logger = choose_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
+    logger = build_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
     fabric._loggers = [logger]
     fabric.launch(
         main,
