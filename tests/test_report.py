@@ -126,7 +126,7 @@ def test_branch_budget_counts_only_tokens_after_the_branch_point(runs, tmp_path)
 
 
 def test_loss_claims_follow_the_fixed_rules():
-    assert claims.lower_loss_verdict([4.0], [4.1])[2] == "yes"  # one seed: no noise estimate
+    assert claims.lower_loss_verdict([4.0], [4.1])[2] == "yes (noise not measured)"  # one seed
     assert claims.lower_loss_verdict([4.0], [3.9])[2] == "no"
     gap, noise, verdict = claims.lower_loss_verdict([4.00, 4.06], [4.05, 4.07])  # gap -0.03, noise 0.06
     assert (round(gap, 6), round(noise, 6), verdict) == (-0.03, 0.06, "no (within seed noise)")

@@ -21,7 +21,8 @@ VERDICT_RULES = [
     "- A loss comparison is reproduced (**yes**) when the claimed run has the lower loss (mean over SFT seeds) "
     "and the gap is larger than the SFT-seed noise (the largest difference between two seeds of one run among "
     "the runs compared; pretraining is one seed). A gap in the claimed direction but within that noise is "
-    "**no (within seed noise)**; the opposite direction is **no**.",
+    "**no (within seed noise)**, with one SFT seed only **yes (noise not measured)**; the opposite direction "
+    "is **no**.",
     "- The replay claim is reproduced (**yes**) when the data-efficiency multiplier is above 1 at every amount "
     "of target data, **partly** when at some, **no** when at none; a fit that fails is **no (fit failed)**.",
 ]
@@ -74,7 +75,9 @@ def lower_loss_verdict(claimed: Sequence[float], other: Sequence[float]) -> tupl
     noise = seed_noise(claimed, other)
     if gap >= 0:
         return gap, noise, "no"
-    if noise is not None and -gap <= noise:
+    if noise is None:
+        return gap, noise, "yes (noise not measured)"
+    if -gap <= noise:
         return gap, noise, "no (within seed noise)"
     return gap, noise, "yes"
 
