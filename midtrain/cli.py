@@ -21,7 +21,7 @@ from midtrain.errors import MidtrainError
 
 # command -> (signature function, what it does). Imported lazily so `midtrain --help` is fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("midtrain.data.prepare:prepare", "Tokenise raw corpora into a typed token shard."),
+    "prepare": ("midtrain.prepare:prepare", "Tokenise raw corpora into a typed token shard."),
     "inspect": ("midtrain.train.pretrain:setup", "Dry run: print the resolved mixture table of a pretrain config."),
     "pretrain": ("midtrain.train.pretrain:setup", "Pretrain / midtrain on a mixture of token shards."),
     "finetune": ("midtrain.train.finetune:setup", "Full fine-tuning with optional replay of pretraining shards."),

@@ -32,13 +32,13 @@ import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from midtrain.data.prepare import (
+from midtrain.errors import MidtrainError
+from midtrain.prepare import (
     VAL_DIR,
     TokenizerSpec,
     load_tokenizer_spec,
     tokenize_to_shard,
 )
-from midtrain.errors import MidtrainError
 
 EOS = "<|endoftext|>"
 DEMO_MARKER = "demo.json"
