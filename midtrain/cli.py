@@ -230,6 +230,10 @@ def run(command: str, args: list[str]) -> Any:
 
         register_litgpt_alias()
     fn = _load(target)
+    if command == "inspect":
+        from midtrain.inspect_mixture import split_step_option
+
+        args, step = split_step_option(args)
     parser = _parser(fn, f"midtrain {command}")
     args = _prepare_args(command, fn, _repeatable_lists(fn, args))
     cfg = parser.parse_args(args)
@@ -238,7 +242,7 @@ def run(command: str, args: list[str]) -> Any:
     if command == "inspect":
         from midtrain.inspect_mixture import inspect
 
-        return inspect(**kwargs)
+        return inspect(**kwargs, step=step)
     try:
         return fn(**kwargs)
     finally:
