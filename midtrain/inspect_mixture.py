@@ -11,7 +11,8 @@ from litgpt.config import Config
 from midtrain.data.mixture import Mixture
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
-from midtrain.train.args import TrainArgs
+from midtrain.preflight import check_pretrain
+from midtrain.train.args import EvalArgs, TrainArgs
 
 
 @dataclass
@@ -125,8 +126,12 @@ def inspect(data: ShardedMixedDataset | None = None, train: TrainArgs | None = N
     if data is None:
         raise MidtrainError("The config has no `data:` section to inspect.")
     train = train or TrainArgs()
-    train.validate()
-    config = Config.from_name(model_name) if model_config is None else model_config
+    config = check_pretrain(
+        model_name=model_name, model_config=model_config, data=data, train=train, eval=_.get("eval") or EvalArgs(),
+        devices=devices, num_nodes=num_nodes, accelerator=_.get("accelerator", "auto"), resume=resume,
+        out_dir=out_dir or "out/pretrain", initial_checkpoint_dir=_.get("initial_checkpoint_dir"),
+        tokenizer_dir=_.get("tokenizer_dir"), logger_name=_.get("logger_name", "csv"), dry_run=True,
+    )
     seq_len = train.max_seq_length or config.block_size
     tokens_per_step = train.global_batch_size * seq_len
     for stage in data.stage_list:

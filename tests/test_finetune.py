@@ -337,6 +337,8 @@ def test_shards_prepared_with_another_tokenizer_are_refused(world, tmp_path):
               "replay.data.val_data_path": None}
     with pytest.raises(MidtrainError, match=f"Tokenizer mismatch: shard {data / '1'} was prepared with tokenizer"):
         finetune(finetune_config(world, tmp_path / "ft", tokenizer_dir=str(other), **replay))
+    with pytest.raises(MidtrainError, match=r"was trained with tokenizer .*, this run uses .*other_tok"):
+        finetune(finetune_config(world, tmp_path / "ft", ratio=None, tokenizer_dir=str(other)))
     pre = {"model_config": MODEL, "out_dir": str(tmp_path / "pre"), "precision": "32-true", "accelerator": "cpu",
            "devices": 1, "tokenizer_dir": str(other),
            "data": {"class_path": "midtrain.data.ShardedMixedDataset",

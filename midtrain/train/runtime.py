@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -25,22 +24,25 @@ from litgpt.pretrain import initialize_weights
 from litgpt.utils import get_default_supported_precision, instantiate_torch_optimizer, num_parameters, parse_devices
 from torch.utils.data import DataLoader
 
+from midtrain import preemption
 from midtrain.errors import MidtrainError
+from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.tokenizer_fingerprint import tokenizer_fingerprint
 from midtrain.train.checkpoints import (
     FINAL_DIR,
     MARKER_FILE,
     MODEL_FILE,
+    TRAIN_STATE_FILE,
     find_latest,
     load_checkpoint,
     prune_checkpoints,
     read_train_state,
+    read_weights_only,
     resolve_resume,
     save_checkpoint,
     save_final,
 )
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the sbatch scripts requeue on it
 BRANCH_FILE = "branch_point.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -144,15 +146,14 @@ class PreemptionFlag:
     """Set by a signal (SLURM sends one before the time limit); read at step boundaries on every rank."""
 
     def __init__(self, signal_name: str | None) -> None:
-        self.requested = False
-        if signal_name:
-            sig = getattr(signal, signal_name, None)
-            if not isinstance(sig, signal.Signals):
-                raise MidtrainError(f"Unknown preemption signal {signal_name!r}; use e.g. SIGUSR1, SIGTERM.")
-            signal.signal(sig, self._handle)
+        if signal_name:  # usually installed already at process start (midtrain.cli.main); a signal since then counts
+            preemption.install(signal_name)
+        else:
+            preemption.uninstall()
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return preemption.requested()
 
     def agreed(self, fabric: L.Fabric) -> bool:
         """True on every rank when any rank got the signal."""
@@ -362,21 +363,31 @@ def build_model_and_optimizer(
     return model, fabric.setup_optimizers(optimizer)
 
 
+def check_weights_tokenizer(directory: Path, tokenizer_dir: Path | None) -> None:
+    """Refuse starting weights that one of our runs trained with another tokenizer than ``tokenizer_dir``."""
+    recorded = (_read_json(Path(directory) / TRAIN_STATE_FILE) or {}).get("tokenizer") or {}
+    if tokenizer_dir is None or recorded.get("fingerprint") is None:
+        return
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    if recorded["fingerprint"] != fingerprint:
+        raise MidtrainError(
+            f"{directory} was trained with tokenizer {recorded.get('directory')} (fingerprint "
+            f"{recorded['fingerprint'][:12]}), this run uses {tokenizer_dir} (fingerprint {fingerprint[:12]}); token "
+            "IDs would not mean the same thing. Use the tokenizer the weights were trained with."
+        )
+
+
 def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
     """Model weights from a litgpt checkpoint dir (plain ``lit_model.pth``) or one of ours (``{"model": ...}``).
 
     Call on every rank after ``fabric.setup``, as litgpt does: the strategy loads them (FSDP gathers and
     re-shards; nothing is loaded into a meta model). The file is read with ``weights_only=True``.
     """
-    path = Path(directory) / MODEL_FILE
+    directory = Path(directory)
+    path = directory / MODEL_FILE
     if not path.is_file():
         raise MidtrainError(f"{directory} has no {MODEL_FILE}; point it at a litgpt or midtrain checkpoint directory.")
-    try:
-        head = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise MidtrainError(f"Cannot read {path} as plain weights (weights_only=True): {err}") from err
-    wrapped = isinstance(head.get("model"), dict)
-    del head
+    wrapped = isinstance(read_weights_only(path).get("model"), dict)
     try:
         if wrapped:
             fabric.load(path, {"model": model}, strict=True, weights_only=True)
