@@ -39,7 +39,6 @@ from midtrain.data.sft import SFTOrder, StepBatches, scored_fraction, sft_rows, 
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
-from midtrain.tokenizer_fingerprint import check_shard_tokenizers
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
 from midtrain.train.runtime import (
@@ -48,7 +47,7 @@ from midtrain.train.runtime import (
     begin_run,
     build_fabric,
     build_model_and_optimizer,
-    check_weights_tokenizer,
+    check_tokenizer,
     load_initial_weights,
     resolve_start,
     run_config,
@@ -210,11 +209,10 @@ def main(
         replay_loader = replay_data.train_dataloader()
 
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
-    note = check_shard_tokenizers(tokenizer_dir, [path for _, path in shard_sets] + _replay_shards(replay_data))
-    if note:
-        fabric.print(note)
-    if start.checkpoint is None:
-        check_weights_tokenizer(base, tokenizer_dir)
+    check_tokenizer(
+        fabric, tokenizer_dir, [Path(path) for _, path in shard_sets] + _replay_shards(replay_data),
+        base if start.checkpoint is None else None,
+    )  # fmt: skip
     if not begin_run(fabric, start, end_step):
         return
 

@@ -22,7 +22,6 @@ from litgpt.utils import choose_logger, chunked_cross_entropy
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
-from midtrain.tokenizer_fingerprint import check_shard_tokenizers
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.runtime import (
     PreemptionFlag,
@@ -30,7 +29,7 @@ from midtrain.train.runtime import (
     begin_run,
     build_fabric,
     build_model_and_optimizer,
-    check_weights_tokenizer,
+    check_tokenizer,
     load_initial_weights,
     resolve_start,
     run_config,
@@ -137,12 +136,10 @@ def main(
     schedule = train.schedule()
     start = resolve_start(fabric, resume, out_dir, initial_checkpoint_dir)
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
-    if tokenizer_dir is None:
-        fabric.print("note: no tokenizer_dir, so the tokenizer the shards were prepared with is not checked.")
-    elif note := check_shard_tokenizers(tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values())):
-        fabric.print(note)
-    if start.checkpoint is None and initial_checkpoint_dir is not None:
-        check_weights_tokenizer(initial_checkpoint_dir, tokenizer_dir)
+    check_tokenizer(
+        fabric, tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values()),
+        initial_checkpoint_dir if start.checkpoint is None else None,
+    )  # fmt: skip
     if not begin_run(fabric, start, end_step):
         return
 

@@ -26,7 +26,7 @@ from litgpt.utils import get_default_supported_precision, instantiate_torch_opti
 from torch.utils.data import DataLoader
 
 from midtrain.errors import MidtrainError
-from midtrain.tokenizer_fingerprint import tokenizer_fingerprint
+from midtrain.tokenizer_fingerprint import check_shard_tokenizers, tokenizer_fingerprint
 from midtrain.train.checkpoints import (
     FINAL_DIR,
     MARKER_FILE,
@@ -303,7 +303,8 @@ def begin_run(fabric: L.Fabric, start: Start, end_step: int) -> bool:
             start.out_dir / METRICS_FILE, start.step if start.own else None, drop_final=start.step >= end_step
         )
         if dropped:
-            fabric.print(f"{METRICS_FILE}: removed {dropped} row(s) an earlier attempt logged after step {start.step}.")
+            after = f" after step {start.step}" if start.own else ""
+            fabric.print(f"{METRICS_FILE}: removed {dropped} row(s) an earlier attempt logged{after}.")
     fabric.barrier()
     return True
 
@@ -364,15 +365,22 @@ def build_model_and_optimizer(
     return model, fabric.setup_optimizers(optimizer)
 
 
-def check_weights_tokenizer(directory: Path, tokenizer_dir: Path | None) -> None:
-    """Refuse starting weights that one of our runs trained with another tokenizer than ``tokenizer_dir``."""
-    recorded = (_read_json(Path(directory) / TRAIN_STATE_FILE) or {}).get("tokenizer") or {}
-    if tokenizer_dir is None or recorded.get("fingerprint") is None:
+def check_tokenizer(
+    fabric: L.Fabric, tokenizer_dir: Path | None, shard_dirs: list[Path], weights_dir: Path | None = None
+) -> None:
+    """Refuse shards (their ``prepare.json``) and starting weights (one of our checkpoints) made with another
+    tokenizer than ``tokenizer_dir``; shards without a manifest get a note."""
+    if tokenizer_dir is None:
+        fabric.print("note: no tokenizer_dir, so the tokenizer the shards were prepared with is not checked.")
         return
+    if note := check_shard_tokenizers(tokenizer_dir, shard_dirs):
+        fabric.print(note)
+    saved = _read_json(Path(weights_dir) / TRAIN_STATE_FILE) if weights_dir is not None else None
+    recorded = (saved or {}).get("tokenizer") or {}
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    if recorded["fingerprint"] != fingerprint:
+    if recorded.get("fingerprint") not in (None, fingerprint):
         raise MidtrainError(
-            f"{directory} was trained with tokenizer {recorded.get('directory')} (fingerprint "
+            f"{weights_dir} was trained with tokenizer {recorded.get('directory')} (fingerprint "
             f"{recorded['fingerprint'][:12]}), this run uses {tokenizer_dir} (fingerprint {fingerprint[:12]}); token "
             "IDs would not mean the same thing. Use the tokenizer the weights were trained with."
         )
