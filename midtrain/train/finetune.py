@@ -10,9 +10,10 @@ the sequences of every optimizer step come from pretraining shards (layout: ``mi
 * **Length.** ``train.max_steps`` optimizer steps, or ``epochs`` over the SFT training split:
   ``max_steps = ceil(epochs * n_train / sft_sequences_per_step)``. Epochs run back to back (a step
   may straddle two), each a fresh seeded permutation (``midtrain.data.sft``).
-* **State.** Optimizer state is not taken from the pretraining checkpoint. A checkpoint of this
-  run holds model, optimizer, step, SFT samples consumed and every process's replay-stream state,
-  so ``resume`` continues exactly (the same per-step losses as an uninterrupted run).
+* **State.** The starting weights are loaded after ``fabric.setup`` (FSDP-safe); optimizer state is
+  not taken from them. A checkpoint of this run holds model, optimizer, step, SFT samples consumed
+  and the replay-stream state, so a requeue continues exactly (the same per-step losses as an
+  uninterrupted run); resume policy, checkpoints and ``final/`` as in ``midtrain.train.runtime``.
 * **Validation.** ``val/sft/loss`` on the data module's validation split and ``val/<name>/loss``
   on pretraining-shard sets (``val_data_path`` and ``replay.data.val_data_path``), at
   ``eval.interval`` and at the end.
@@ -246,7 +247,7 @@ def main(
         replay_by_source = dict(saved["replay"]["tokens_by_source"])
         if replay_loader is not None and saved["replay"]["loader"]:
             replay_loader.load_state_dict(saved["replay"]["loader"])
-        fabric.print(f"({sft_consumed} SFT samples consumed.)")
+        fabric.print(f"{sft_consumed} SFT samples consumed so far.")
     else:
         load_initial_weights(fabric, model, base)
         fabric.print(f"Fine-tuning {base} (fresh optimizer).")

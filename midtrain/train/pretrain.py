@@ -3,7 +3,9 @@
 Same shape as ``litgpt pretrain`` (model, data, train, eval, optimizer, devices, ...), plus:
 absolute length in optimizer steps, step-keyed LR schedules, mixture stages, exact resume of the
 data stream, carry-over of stream positions when the mixture changes, several validation sets,
-per-source loss and token logging, atomic checkpoints and SLURM preemption.
+per-source loss and token logging, atomic checkpoints and SLURM preemption. What it shares with
+``finetune`` (resume policy, weights loaded after ``fabric.setup``, checkpoints, validation, the
+end of a run with litgpt's ``final/``) lives in ``midtrain.train.runtime``.
 """
 
 from __future__ import annotations

@@ -63,18 +63,20 @@ def build_fabric(
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     accelerator: str = "auto",
 ) -> L.Fabric:
-    """A Fabric for 1 process, N CPU processes (DDP over gloo) or N GPUs (FSDP by default)."""
+    """A Fabric for 1 process, N CPU processes (DDP over gloo) or N GPUs (FSDP by default; ``strategy: fsdp``
+    also on a single GPU). FSDP shards within a node and replicates across nodes."""
     precision = precision or get_default_supported_precision(training=True)
     devices = parse_devices(devices)
     on_gpu = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
     if strategy == "fsdp" and not on_gpu:
         raise MidtrainError("strategy: fsdp needs GPUs (Lightning runs FSDP on GPUs only); on CPU use ddp or auto.")
     plugins = []
-    if devices * num_nodes == 1:
+    if devices * num_nodes == 1 and strategy != "fsdp":
         chosen = "auto"
         plugins.append(MmapCheckpointIO())
     elif strategy == "fsdp" or (strategy == "auto" and on_gpu):  # FSDP reads full checkpoints lazily itself
-        chosen = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="HYBRID_SHARD")
+        sharding = "FULL_SHARD" if num_nodes == 1 else "HYBRID_SHARD"
+        chosen = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy=sharding)
     else:
         chosen = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo", checkpoint_io=MmapCheckpointIO())
     return L.Fabric(
