@@ -32,7 +32,6 @@ import torch
 from litgpt.config import Config
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import choose_logger
 from torch.utils.data import DataLoader
 
 from midtrain.data.replay import Replay, spread
@@ -40,8 +39,10 @@ from midtrain.data.sft import SFTOrder, StepBatches, scored_fraction, sft_rows, 
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
+from midtrain.preflight import check_finetune
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
+from midtrain.train.loggers import build_logger
 from midtrain.train.runtime import (
     PreemptionFlag,
     TrainingRun,
@@ -125,11 +126,15 @@ def setup(
     replay = replay or Replay()
     replay_data = replay.build()
     config = Config.from_file(base / MODEL_CONFIG_FILE)
+    check_finetune(
+        config=config, train=train, eval=eval, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
+        resume=resume, out_dir=out_dir, logger_name=logger_name,
+    )
     hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
     replay.sequences_per_step(train.global_batch_size, fabric.world_size)  # fail before launching
     fabric._loggers = [
-        choose_logger(logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval)
+        build_logger(logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval)
     ]
     fabric.launch(
         main, config, base, tokenizer_dir, data, replay, replay_data, val_data_path or {}, Path(out_dir), train, epochs,
@@ -276,6 +281,7 @@ def main(
             },
             "tokens": counts,
             "base_checkpoint": str(base),
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         }
         return run.save(step, train_state, reason)
 
@@ -289,6 +295,7 @@ def main(
     last = torch.zeros(2, 3, dtype=torch.float64, device=fabric.device)
     window = torch.zeros_like(last)
     n_sources = len(replay_loader.sources) if replay_loader is not None else 0
+    prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -377,7 +384,7 @@ def main(
             "epochs": sft_consumed / len(train_set),
             "tokens": counts,
             "replay_tokens_by_source": replay_by_source,
-            "train_seconds": time.perf_counter() - t_start,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         },
     )  # fmt: skip
 

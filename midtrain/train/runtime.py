@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +24,9 @@ from litgpt.pretrain import initialize_weights
 from litgpt.utils import get_default_supported_precision, instantiate_torch_optimizer, num_parameters, parse_devices
 from torch.utils.data import DataLoader
 
+from midtrain import preemption
 from midtrain.errors import MidtrainError
+from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.tokenizer_fingerprint import check_shard_tokenizers, tokenizer_fingerprint
 from midtrain.train.checkpoints import (
     FINAL_DIR,
@@ -42,7 +43,6 @@ from midtrain.train.checkpoints import (
     save_final,
 )
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the sbatch scripts requeue on it
 BRANCH_FILE = "branch_point.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -148,15 +148,14 @@ class PreemptionFlag:
     """Set by a signal (SLURM sends one before the time limit); read at step boundaries on every rank."""
 
     def __init__(self, signal_name: str | None) -> None:
-        self.requested = False
-        if signal_name:
-            sig = getattr(signal, signal_name, None)
-            if not isinstance(sig, signal.Signals):
-                raise MidtrainError(f"Unknown preemption signal {signal_name!r}; use e.g. SIGUSR1, SIGTERM.")
-            signal.signal(sig, self._handle)
+        if signal_name:  # usually installed already at process start (midtrain.cli.main); a signal since then counts
+            preemption.install(signal_name)
+        else:
+            preemption.uninstall()
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return preemption.requested()
 
     def agreed(self, fabric: L.Fabric) -> bool:
         """True on every rank when any rank got the signal."""
