@@ -405,7 +405,7 @@ def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
             fabric.load_raw(path, model, strict=True, weights_only=True)
     except (KeyError, RuntimeError) as err:
         raise MidtrainError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from err
-    fabric.print(f"Initial weights from {path}.")
+    fabric.print(f"Loaded weights from {path}.")
 
 
 class TrainingRun:
