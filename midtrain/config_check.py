@@ -29,7 +29,8 @@ def closest(name: str, choices: list[str]) -> str:
 
 
 def unknown_key(where: str, key: str, valid: list[str]) -> MidtrainError:
-    return MidtrainError(f"{where}{key}: unknown field{closest(key, valid)}. Valid fields: {', '.join(sorted(valid))}.")
+    what = "field" if where else "option"
+    return MidtrainError(f"{where}{key}: unknown {what}{closest(key, valid)}. Valid: {', '.join(sorted(valid))}.")
 
 
 def _hints(obj: Callable) -> dict[str, Any]:
