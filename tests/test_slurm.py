@@ -48,7 +48,9 @@ if PROBLEM is not None:
     pytest.skip(f"SLURM integration tests skipped: {PROBLEM}. Start a local cluster with "
                 "`bash ../shared/slurm/local-cluster.sh` (README, SLURM).", allow_module_level=True)
 
-GPUS = 2 if "gpu:2" in subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout else 0
+_NODE = subprocess.run(["sinfo", "-h", "-o", "%G %c"], capture_output=True, text=True).stdout.split()
+GPUS = 2 if "gpu:2" in _NODE[0] else 0  # local-cluster.sh's fake GPUs: --gpus-per-node as on a GPU node
+CPUS = int(_NODE[1].rstrip("+"))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -170,6 +172,16 @@ def assert_ok(cluster: Cluster, task: str, restarts: int) -> None:
     assert (s["JobState"], s["ExitCode"], int(s["Restarts"])) == ("COMPLETED", "0:0", restarts), cluster.log(task)
 
 
+def short_sft_set(root: Path) -> None:
+    """SFT examples short enough for the tiny model's 128-token context (the demo's, at this small scale, are not)."""
+    words = ["apple", "banana", "cherry", "plum", "seven", "three", "add", "sum", "list", "sort"]
+    records = [{"instruction": f"{words[i % 10]} {words[(3 * i) % 10]}", "input": "",
+                "output": " ".join(words[(i + k) % 10] for k in range(1 + i % 5))} for i in range(48)]
+    sft = root / "data/demo/sft"
+    (sft / "code_sft.json").write_text(json.dumps(records))
+    (sft / "code_sft_val.json").write_text(json.dumps(records[:8]))
+
+
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -187,6 +199,8 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def array(cluster):
     """An array over a glob of two tiny pretrain configs; task 1 preempted while task 0 runs on."""
+    if CPUS < 2:
+        pytest.skip(f"the SLURM tests need a node with 2 CPUs (two tasks at once); this one has {CPUS}")
     cfgs = cluster.root / "cfgs"
     cfgs.mkdir()
     shutil.copy(TINY / "pretrain.yaml", cfgs / "b-pretrain.yaml")
@@ -202,16 +216,6 @@ def array(cluster):
     for i in (0, 1):
         wait_done(cluster, f"{job}_{i}")
     return job
-
-
-def short_sft_set(root: Path) -> None:
-    """SFT examples short enough for the tiny model's 128-token context (the demo's, at this small scale, are not)."""
-    words = ["apple", "banana", "cherry", "plum", "seven", "three", "add", "sum", "list", "sort"]
-    records = [{"instruction": f"{words[i % 10]} {words[(3 * i) % 10]}", "input": "",
-                "output": " ".join(words[(i + k) % 10] for k in range(1 + i % 5))} for i in range(48)]
-    sft = root / "data/demo/sft"
-    (sft / "code_sft.json").write_text(json.dumps(records))
-    (sft / "code_sft_val.json").write_text(json.dumps(records[:8]))
 
 
 # ---------------------------------------------------------------------------------------------- tests
