@@ -79,7 +79,7 @@ def timed(fn, *args) -> tuple[float, float]:
 
 
 def run_midtrain(paths: list[str], tokenizer_dir: Path, out: Path, workers: int) -> None:
-    from midtrain.data.prepare import prepare
+    from midtrain.prepare import prepare
 
     prepare(paths, type="main", data_path=out, tokenizer_dir=tokenizer_dir, num_workers=workers)
 
@@ -100,7 +100,7 @@ def run_fork(paths: list[str], tokenizer_dir: Path, out: Path, workers: int, chu
 
 def document_multiset(shard: Path, eos_id: int) -> tuple[Counter, int]:
     """Hashes of the documents (split at EOS) of a token shard, and its token count."""
-    from midtrain.data.prepare import read_shard_tokens
+    from midtrain.prepare import read_shard_tokens
 
     tokens = read_shard_tokens(shard).astype("int64")
     ends = (tokens == eos_id).nonzero()[0]

@@ -28,6 +28,11 @@ FINETUNE = [p for p in ALL_YAML if p.startswith("finetune/") or Path(p).name.sta
 EVALUATE = [p for p in ALL_YAML if Path(p).name.startswith("evaluate")]  # midtrain evaluate's schema
 RUNS = [p for p in ALL_YAML if p not in FINETUNE + EVALUATE]  # everything the pretrain schema parses
 NAME = re.compile(r"(?P<type>code|math|instruct|qa|web)(?P<pct>\d+)-from(?P<k>\d+)k")
+ABLATIONS = {
+    "timing": {f"code20-from{k}k" for k in (20, 30, 40, 50)},
+    "percentage": {f"code{p}-from40k" for p in (10, 30, 50, 80)},
+    "cts_pretrain": {"code100-from40k", "math100-from56k"},
+}
 PAPER_SIZES = {"pythia-70m": (16, 1e-3), "pythia-160m": (16, 6e-4), "pythia-410m": (8, 3e-4), "pythia-1b": (4, 3e-4)}
 
 
@@ -55,8 +60,11 @@ def root(tmp_path_factory) -> Path:
 def test_config_set_is_complete():
     assert len([p for p in RUNS if p.startswith("pretrain/")]) == 4
     assert len([p for p in RUNS if p.startswith("midtrain/")]) == 20
-    for group, n in (("timing", 4), ("percentage", 4), ("cts_pretrain", 2)):
-        assert len([p for p in RUNS if p.startswith(f"ablations/{group}/")]) == n, group
+    for group, names in ABLATIONS.items():  # the fork's three families, at 70m and at 160m
+        for size in ("pythia-70m", "pythia-160m"):
+            found = {p.removeprefix(f"ablations/{group}/{size}-").removesuffix(".yaml")
+                     for p in RUNS if p.startswith(f"ablations/{group}/{size}-")}
+            assert found == names, (group, size)
     assert {"tiny/pretrain.yaml", "tiny/stages.yaml", "tiny/midtrain-code20.yaml"} <= set(RUNS)
     assert len(FINETUNE) >= 10
 

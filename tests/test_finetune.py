@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,13 +16,16 @@ import torch.nn.functional as F
 import yaml
 from conftest import set_dotted
 from litgpt.config import Config
+from litgpt.generate.base import main as litgpt_generate
 from litgpt.model import GPT
 from litgpt.prompts import PromptStyle
+from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint as convert_from_litgpt
 from litgpt.tokenizer import Tokenizer
 
 from midtrain.cli import run
 from midtrain.data.replay import Replay, spread
 from midtrain.data.sft import SFTOrder
+from midtrain.data.sharded_mixed import ValWindows
 from midtrain.data.synthetic import write_tree
 from midtrain.errors import MidtrainError
 from midtrain.train import finetune as finetune_module
@@ -123,7 +127,23 @@ def rows(out: Path) -> list[dict]:
 
 
 def by_step(out: Path, key: str) -> dict[int, float]:
+    """``step -> value`` of ``key`` in metrics.jsonl; a step logged twice fails the test."""
+    steps = [r["step"] for r in rows(out) if key in r]
+    assert len(steps) == len(set(steps)), f"{key}: steps logged more than once: {steps}"
     return {r["step"]: r[key] for r in rows(out) if key in r}
+
+
+def val_loss(weights: Path, shard: Path, max_samples: int) -> float:
+    """Token-mean loss of the model in ``weights`` (one of our checkpoints) on a validation shard, by hand."""
+    model = GPT(Config(**MODEL))
+    model.load_state_dict(torch.load(weights / "lit_model.pth", weights_only=True)["model"])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in ValWindows(shard, SEQ + 1, max_samples, masked=False):
+            window = window.long()
+            total += F.cross_entropy(model(window[None, :-1])[0], window[1:], reduction="sum").item()
+            count += SEQ
+    return total / count
 
 
 def test_replay_fraction_is_exact_every_step_and_forgetting_sets_are_logged(world, tmp_path):
@@ -138,8 +158,7 @@ def test_replay_fraction_is_exact_every_step_and_forgetting_sets_are_logged(worl
     assert train_rows[-1]["tokens/replay"] == 6 * 2 * SEQ  # every replay token is scored
     state = read_train_state(find_latest(out))
     assert state["sft"] == {"consumed": 36, "epoch": 3.0, "train_samples": 12}
-    loader = state["replay"]["loader"][0]["workers"]["0"]
-    assert sum(p["consumed"] for p in loader["sources"].values()) == 6 * 2  # the replay stream advanced 2 per step
+    assert state["replay"]["loader"]["consumed"] == 6 * 2  # the replay stream advanced 2 per step
     assert sum(state["replay"]["tokens_by_source"].values()) == 6 * 2 * SEQ
     val_steps = {name: sorted(by_step(out, f"val/{name}/loss")) for name in ("sft", "c4")}
     assert val_steps == {"sft": [3, 6], "c4": [3, 6]}
@@ -164,7 +183,7 @@ def test_first_step_loss_is_the_token_mean_over_response_tokens(world, tmp_path,
                                                         "train.lr_warmup_steps": 0,
                                                         "data.init_args.mask_prompt": mask_prompt}))
     model = GPT(Config(**MODEL))
-    model.load_state_dict(torch.load(world["ckpt"] / "lit_model.pth", weights_only=False)["model"])
+    model.load_state_dict(torch.load(world["ckpt"] / "lit_model.pth", weights_only=True)["model"])
     tok, style = Tokenizer(world["tok"]), PromptStyle.from_name("alpaca")
     total, count = 0.0, 0
     with torch.no_grad():
@@ -243,7 +262,7 @@ def test_epochs_run_dir_and_litgpt_format_checkpoints(world, tmp_path):
     assert sorted(by_step(ours, "loss")) == [1, 2, 3]  # ceil(1.5 epochs x 12 samples / 8 per step)
     lit = tmp_path / "litgpt_ckpt"  # litgpt's layout: plain state dict, model_config.yaml, tokenizer
     lit.mkdir()
-    torch.save(torch.load(world["ckpt"] / "lit_model.pth", weights_only=False)["model"], lit / "lit_model.pth")
+    torch.save(torch.load(world["ckpt"] / "lit_model.pth", weights_only=True)["model"], lit / "lit_model.pth")
     for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
         (lit / name).write_bytes((world["ckpt"] / name).read_bytes())
     theirs = tmp_path / "theirs"
@@ -253,14 +272,20 @@ def test_epochs_run_dir_and_litgpt_format_checkpoints(world, tmp_path):
 
 
 def test_two_process_ddp_gives_the_same_losses(world, tmp_path):
-    """Loss = mean over the step's scored tokens on all ranks, so 2 processes train exactly like 1."""
+    """Loss = mean over the step's scored tokens on all ranks, so 2 processes train exactly like 1; both start
+    from the checkpoint's weights, loaded after ``fabric.setup`` through the strategy (the path FSDP takes)."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    sgd = {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}}, "train.max_norm": None}
+    sgd = {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}}, "train.max_norm": None,
+           "eval.initial_validation": True}
     finetune(finetune_config(world, single, ratio=0.0, **sgd))  # SGD: a wrongly scaled gradient would show
     proc = subprocess.run([sys.executable, "-m", "midtrain", "finetune", "--config",
                            str(finetune_config(world, ddp, ratio=0.0, devices=2, **sgd))],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no-op" not in proc.stdout + proc.stderr  # torch's warning when weights go into a meta-device model
+    source = val_loss(world["ckpt"], world["root"] / "val" / "1", max_samples=8)
+    assert by_step(ddp, "val/c4/loss")[0] == pytest.approx(source, rel=1e-5)
+    assert by_step(single, "val/c4/loss")[0] == pytest.approx(source, rel=1e-5)
     assert by_step(ddp, "loss") == pytest.approx(by_step(single, "loss"), rel=1e-5)
     assert by_step(ddp, "val/sft/loss") == pytest.approx(by_step(single, "val/sft/loss"), rel=1e-5)
     assert by_step(ddp, "val/c4/loss") == pytest.approx(by_step(single, "val/c4/loss"), rel=1e-5)
@@ -271,3 +296,58 @@ def test_two_process_ddp_gives_the_same_losses(world, tmp_path):
     assert replay.sequences_per_step(8, 2) == 2
     with pytest.raises(MidtrainError, match="divisible by the 2 process"):
         Replay(ratio=0.125, data=replay.data).sequences_per_step(8, 2)
+
+
+def test_final_dir_opens_in_litgpt_generate_and_convert_from_litgpt(world, tmp_path, capsys):
+    """The run ends with litgpt's ``final/``: plain weights, model_config.yaml, the tokenizer, no foreign config."""
+    tok = tmp_path / "tok"  # a tokenizer dir that, like a Hugging Face model dir, also holds that model's config.json
+    shutil.copytree(world["tok"], tok)
+    (tok / "config.json").write_text(json.dumps({"architectures": ["SomeOtherModel"], "hidden_size": 4096}))
+    out = tmp_path / "run"
+    finetune(finetune_config(world, out, ratio=None, tokenizer_dir=str(tok), **{"train.max_steps": 2}))
+    final = out / "final"
+    assert sorted(p.name for p in final.iterdir()) == [
+        "COMPLETE", "hyperparameters.yaml", "lit_model.pth", "model_config.yaml", "tokenizer.json",
+        "tokenizer_config.json"]
+    assert not (find_latest(out) / "config.json").exists()
+    weights = torch.load(final / "lit_model.pth", weights_only=True)
+    last = torch.load(find_latest(out) / "lit_model.pth", weights_only=True)["model"]
+    assert weights.keys() == last.keys() and all(torch.equal(weights[k], last[k]) for k in weights)
+
+    capsys.readouterr()
+    litgpt_generate(final, prompt="what is 1 plus 2 ?", max_new_tokens=4, precision="32-true")
+    assert "what is 1 plus 2" in capsys.readouterr().out
+    convert_from_litgpt(final, tmp_path / "hf")
+    hf = torch.load(tmp_path / "hf" / "model.pth", weights_only=True)
+    assert torch.equal(hf["gpt_neox.embed_in.weight"], weights["transformer.wte.weight"])
+
+
+def test_shards_prepared_with_another_tokenizer_are_refused(world, tmp_path):
+    data = tmp_path / "data"
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"{r['instruction']} {r['output']}"}) + "\n"
+                             for r in _records(300, 0)))
+    run("prepare", ["--inputs", str(texts), "--type", "main", "--data_path", str(data),
+                    "--tokenizer_dir", str(world["tok"]), "--num_workers", "0"])
+    other = tmp_path / "other_tok"  # the same vocabulary, but it adds no BOS: other token IDs for the same text
+    shutil.copytree(world["tok"], other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    replay = {"replay.data.data_path": str(data), "replay.data.mix_weights_str": "main:1",
+              "replay.data.val_data_path": None}
+    with pytest.raises(MidtrainError, match=f"Tokenizer mismatch: shard {data / '1'} was prepared with tokenizer"):
+        finetune(finetune_config(world, tmp_path / "ft", tokenizer_dir=str(other), **replay))
+    with pytest.raises(MidtrainError, match=r"was trained with tokenizer .*, this run uses .*other_tok"):
+        finetune(finetune_config(world, tmp_path / "ft", ratio=None, tokenizer_dir=str(other)))
+    pre = {"model_config": MODEL, "out_dir": str(tmp_path / "pre"), "precision": "32-true", "accelerator": "cpu",
+           "devices": 1, "tokenizer_dir": str(other),
+           "data": {"class_path": "midtrain.data.ShardedMixedDataset",
+                    "init_args": {"data_path": str(data), "mix_weights_str": "main:1", "num_workers": 0}},
+           "train": {"max_steps": 1, "global_batch_size": 2, "micro_batch_size": 2}}
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
+    with pytest.raises(MidtrainError, match="Tokenizer mismatch"):
+        run("pretrain", ["--config", str(tmp_path / "pre.yaml")])
+    assert not (tmp_path / "pre").exists() and not (tmp_path / "ft").exists()
+    run("pretrain", ["--config", str(tmp_path / "pre.yaml"), "--tokenizer_dir", str(world["tok"])])  # the right one
+    assert read_train_state(find_latest(tmp_path / "pre"))["tokenizer"]["fingerprint"] == json.loads(
+        (data / "1" / "prepare.json").read_text())["tokenizer"]["fingerprint"]

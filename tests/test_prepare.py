@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import zstandard
 
-from midtrain.data import prepare as prep
+from midtrain import prepare as prep
 from midtrain.data.demo_corpus import EOS, build_demo_corpus, train_bpe_tokenizer
-from midtrain.data.prepare import MANIFEST_NAME, prepare, read_shard_tokens
 from midtrain.data.shards import discover_shards
 from midtrain.errors import MidtrainError
+from midtrain.prepare import MANIFEST_NAME, prepare, read_shard_tokens
 
 _WORDS = "the model reads code and math while a tokenizer splits text into pieces of data".split()
 
@@ -98,7 +98,7 @@ def test_round_trip_through_litdata_streaming_dataset(tmp_path, tok_dir, litgpt_
 
     manifest = json.loads((shard / MANIFEST_NAME).read_text())
     assert manifest["documents"] == len(DOCS) and manifest["tokens"] == len(streamed)
-    assert manifest["inputs"][0]["sha256"] == prep._sha256_file(src).hexdigest()
+    assert manifest["inputs"][0]["sha256"] == prep.manifests.sha256_file(src).hexdigest()
     assert manifest["inputs"][0]["bytes"] == src.stat().st_size
     assert manifest["tokenizer"]["fingerprint"] == prep.tokenizer_fingerprint(tok_dir)
     (found,) = discover_shards(tmp_path / "corpus")
@@ -146,7 +146,7 @@ def _jsonl_glob(tmp_path, docs):
 
 
 def _parquet(tmp_path, docs):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = tmp_path / "raw.parquet"
@@ -165,7 +165,8 @@ def _txt_dir(tmp_path, docs):
 
 
 def _hf_dataset(tmp_path, docs):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the `hf` extra, part of `dev`
+
     path = tmp_path / "hf"
     datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(path))
     return str(path)
@@ -177,6 +178,28 @@ def test_input_formats(tmp_path, tok_dir, litgpt_tok, make):
     raw.mkdir()
     shard = _prepare(make(raw, DOCS), tmp_path / "corpus", tok_dir)
     assert sorted(_decode_shard(shard, litgpt_tok)) == sorted(DOCS)
+
+
+def test_hf_dataset_columns_splits_and_bad_rows(tmp_path, tok_dir, litgpt_tok):
+    import datasets
+
+    docs = DOCS[:10]
+    rows = {"content": [*docs[:5], None, *docs[5:]], "id": list(range(11))}
+    ds = datasets.Dataset.from_dict(rows)
+    ds.save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(MidtrainError, match=r"no column 'text' \(columns: \['content', 'id'\]\)"):
+        _prepare(str(tmp_path / "hf"), tmp_path / "corpus", tok_dir)
+    with pytest.raises(MidtrainError, match=r"row 6: 'content' is NoneType"):
+        _prepare(str(tmp_path / "hf"), tmp_path / "corpus", tok_dir, text_key="content")
+    shard = _prepare(str(tmp_path / "hf"), tmp_path / "corpus", tok_dir, text_key="content", skip_bad=True)
+    assert _decode_shard(shard, litgpt_tok) == docs  # row order kept, the None row skipped and counted
+    assert json.loads((shard / MANIFEST_NAME).read_text())["skipped_bad_records"] == 1
+
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(MidtrainError, match=r"DatasetDict with splits \['test', 'train'\]; pass one split"):
+        _prepare(str(tmp_path / "dd"), tmp_path / "corpus", tok_dir)
+    shard2 = _prepare(str(tmp_path / "dd" / "train"), tmp_path / "corpus2", tok_dir, text_key="content", skip_bad=True)
+    assert _decode_shard(shard2, litgpt_tok) == docs
 
 
 def _no_shards(data_path: Path) -> None:

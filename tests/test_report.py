@@ -11,6 +11,7 @@ import yaml
 from midtrain.cli import run
 from midtrain.data.synthetic import write_tree
 from midtrain.errors import MidtrainError
+from midtrain.report import claims
 from midtrain.report.report import final_val_losses, read_metrics, series, switch_steps
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512,
@@ -102,3 +103,46 @@ def test_missing_data_is_skipped_with_a_note(runs, tmp_path):
     assert {p.name for p in out.glob("*.png")} == {"val_main.png", "train_base.png", "train_bare.png"}
     with pytest.raises(MidtrainError, match="No readable run directory"):
         run("report", ["--runs", str(tmp_path / "nothing"), "--out", str(out)])
+
+
+# ------------------------------------------------------------------------------ the demo's claims
+def test_branch_budget_counts_only_tokens_after_the_branch_point(runs, tmp_path):
+    base, _ = runs
+    start = base / "step-00000004"
+    cfg = yaml.safe_load((base.parent / "base.yaml").read_text())
+    cfg["out_dir"], cfg["resume"] = str(tmp_path / "branch"), str(start)
+    cfg["train"]["max_steps"] = 6
+    cfg["data"]["init_args"]["mix_weights_str"] = "code:1"
+    (tmp_path / "branch.yaml").write_text(yaml.safe_dump(cfg))
+    run("pretrain", ["--config", str(tmp_path / "branch.yaml")])
+    budget = claims.branch_budget(tmp_path / "branch", start)
+    before = json.loads((start / "train_state.json").read_text())["tokens_by_type"]
+    after = json.loads((tmp_path / "branch" / "summary.json").read_text())["tokens_by_type"]
+    assert before["main"] > 0 and after["main"] == before["main"]  # 100% code after the branch point
+    assert budget == {"code": after["code"] - before.get("code", 0)} and budget["code"] > 0
+    assert claims.branch_budget(base, None) == json.loads((base / "summary.json").read_text())["tokens_by_type"]
+    with pytest.raises(MidtrainError, match="does not exist"):
+        claims.branch_budget(tmp_path / "missing", start)
+
+
+def test_loss_claims_follow_the_fixed_rules():
+    assert claims.lower_loss_verdict([4.0], [4.1])[2] == "yes (noise not measured)"  # one seed
+    assert claims.lower_loss_verdict([4.0], [3.9])[2] == "no"
+    gap, noise, verdict = claims.lower_loss_verdict([4.00, 4.06], [4.05, 4.07])  # gap -0.03, noise 0.06
+    assert (round(gap, 6), round(noise, 6), verdict) == (-0.03, 0.06, "no (within seed noise)")
+    assert claims.lower_loss_verdict([4.00, 4.01], [4.10, 4.12])[2] == "yes"
+    row = claims.lower_loss_claim("c", "p", ("mid", "base"), [4.0, 4.02], [4.2, 4.25])
+    assert row.this_run == "mid 4.0100 vs base 4.2250 (mean of 2 SFT seeds): gap -0.2150; seed noise 0.0500"
+
+
+def test_multiplier_claim_and_table():
+    assert claims.multiplier_claim("c", "p", {60: 1.3, 120: 1.1}, None).reproduced == "yes"
+    assert claims.multiplier_claim("c", "p", {60: 1.3, 120: 0.9}, None).reproduced == "partly (1 of 2)"
+    assert claims.multiplier_claim("c", "p", {60: 0.7, 120: 0.9}, None).reproduced == "no"
+    row = claims.multiplier_claim("c", "p", {60: float("inf")}, None)
+    assert row.reproduced == "yes" and "inf" in row.this_run
+    failed = claims.multiplier_claim("c", "p", None, "loss does not decrease")
+    assert failed.reproduced == "no (fit failed)" and "loss does not decrease" in failed.this_run
+    text = "\n".join(claims.claims_markdown([failed, claims.not_run("t", "p | q", "too slow")]))
+    assert "| c | p | fit failed: loss does not decrease | **no (fit failed)** |" in text
+    assert "| t | p \\| q | not run: too slow | **not tested** |" in text and "Verdict rules" in text

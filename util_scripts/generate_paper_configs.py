@@ -45,7 +45,11 @@ MIDTRAIN = {
     ),
     "web20-from40k": ({"mix_weights_str": "main:0.8,web:0.2"}, 40_000, "20% web data from step 40k"),
 }
-ABLATION_SIZE = "pythia-70m"  # our choice (cheapest size); change here to ablate another size
+# The research fork ran its ablations at 70m and 160m. Its 160m configs keep the 70m mixtures and batch
+# sizes but leave the lr unset (AdamW's default 1e-3) and stop several runs short of the 61,035-step
+# horizon (e.g. timing from 40k: max_additional_steps 15035); here every ablation uses its size's
+# Pythia lr and trains to the same max_steps as its pretraining run.
+ABLATION_SIZES = ("pythia-70m", "pythia-160m")
 ABLATIONS = {
     "timing": {f"code20-from{k}k": ({"mix_weights_str": "main:0.8,code:0.2"}, k * 1000,
                                     f"start-time ablation: 20% code from step {k}k") for k in (20, 30, 40, 50)},
@@ -244,10 +248,11 @@ def all_configs() -> dict[str, str]:
         )
         for name, (mix, start, what) in MIDTRAIN.items():
             files[f"midtrain/{size}/{name}.yaml"] = midtrain_config(size, "midtrain", name, mix, start, what)
-    for group, runs in ABLATIONS.items():
-        for name, (mix, start, what) in runs.items():
-            files[f"ablations/{group}/{ABLATION_SIZE}-{name}.yaml"] = midtrain_config(
-                ABLATION_SIZE, f"ablations/{group}", name, mix, start, what)
+    for size in ABLATION_SIZES:
+        for group, runs in ABLATIONS.items():
+            for name, (mix, start, what) in runs.items():
+                files[f"ablations/{group}/{size}-{name}.yaml"] = midtrain_config(
+                    size, f"ablations/{group}", name, mix, start, what)
     for task in SFT_TASKS:
         for replay in (False, True):
             files[f"finetune/{SFT_SIZE}-{task}{'-replay' if replay else ''}.yaml"] = finetune_config(task, replay)

@@ -10,7 +10,8 @@ No download. Three clearly distinct domains:
 Plus a byte-level BPE tokenizer trained on the corpus (``tokenizer/``, loadable by litgpt's
 ``Tokenizer``), validation shards per domain (``val/main``, ``val/code``, ``val/math``), and a tiny
 code SFT set (``sft/code_sft.json`` and ``sft/code_sft_val.json``, litgpt's instruction/input/
-output JSON). The standard library is split into disjoint file pools for code shards, docstring
+output JSON) whose prompts, rendered in the ``alpaca`` style, leave every example at least 16 scored
+response tokens within 128 tokens. The standard library is split into disjoint file pools for code shards, docstring
 prose and SFT examples, so SFT answers are never verbatim in the pretraining data.
 
 Deterministic for a given seed on a given Python installation (the standard library differs
@@ -27,26 +28,33 @@ import os
 import random
 import shutil
 import sysconfig
+import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from midtrain.data.prepare import (
+from midtrain.errors import MidtrainError
+from midtrain.prepare import (
     VAL_DIR,
     TokenizerSpec,
     load_tokenizer_spec,
     tokenize_to_shard,
 )
-from midtrain.errors import MidtrainError
 
 EOS = "<|endoftext|>"
 DEMO_MARKER = "demo.json"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEFAULT_VOCAB_SIZE = 4096
 # Characters of raw text per domain at scale 1.0 (about 1M tokens, ~2 MB of uint16 tokens in all).
 CODE_CHARS = 1_600_000
 PROSE_CHARS = 1_000_000
 MATH_CHARS = 600_000
-SFT_EXAMPLES = 300
+SFT_EXAMPLES = 288  # at scale 1: 240 train + 48 validation examples
+SFT_VAL_FRACTION = 1 / 6
+# The SFT set is built for fine-tuning with this prompt style and sequence length: every example's
+# rendered prompt leaves at least SFT_MIN_SCORED response tokens, so no sample is fully masked.
+SFT_PROMPT_STYLE = "alpaca"
+SFT_MAX_SEQ_LENGTH = 128
+SFT_MIN_SCORED = 16
 VAL_FRACTION = 0.05
 MAX_FILE_BYTES = 200_000
 MAX_DOC_CHARS = 16_000
@@ -269,8 +277,19 @@ def _source_lines(lines: list[str], node: ast.stmt, skip: ast.stmt | None = None
     return "\n".join(kept)
 
 
-def sft_examples(files: list[Path], rng: random.Random, limit: int) -> list[dict]:
-    """Instruction/input/output examples from documented top-level functions: write it, or explain it."""
+def _public_functions(tree: ast.Module) -> Iterable[tuple[str, ast.FunctionDef]]:
+    """``(qualified name, node)`` of public top-level functions and public methods of top-level classes."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for fn in node.body:
+                if isinstance(fn, ast.FunctionDef) and not fn.name.startswith("_"):
+                    yield f"{node.name}.{fn.name}", fn
+
+
+def sft_examples(files: list[Path], rng: random.Random) -> list[dict]:
+    """Instruction/input/output examples from documented functions and methods: write it, or explain it."""
     examples = []
     for path in files:
         parsed = _parse(path)
@@ -278,26 +297,47 @@ def sft_examples(files: list[Path], rng: random.Random, limit: int) -> list[dict
             continue
         lines = parsed[0].splitlines()
         module = _module_name(path)
-        for fn in parsed[1].body:
-            if not isinstance(fn, ast.FunctionDef) or fn.name.startswith("_") or len(fn.body) < 2:
-                continue
-            if fn.body[0].lineno == fn.lineno:  # one-line def: no separate docstring lines
+        for name, fn in _public_functions(parsed[1]):
+            if len(fn.body) < 2 or fn.body[0].lineno == fn.lineno:  # one-line def: no separate docstring lines
                 continue
             doc = ast.get_docstring(fn)
             code = _source_lines(lines, fn)
             if not doc or not 80 <= len(code) <= 1500 or len(_summary(doc)) < 20:
                 continue
+            kind = "method" if "." in name else "function"
             if rng.random() < 0.5:
-                signature = f"{fn.name}({ast.unparse(fn.args)})"
-                instruction = f"Write a Python function `{signature}` that does the following: {_summary(doc)}"
-                examples.append({"instruction": instruction, "input": "", "output": code})
+                signature = f"{name}({ast.unparse(fn.args)})"
+                instruction = f"Write the Python {kind} `{signature}` that does the following: {_summary(doc)}"
+                examples.append({"instruction": instruction, "input": "", "output": textwrap.dedent(code)})
             else:
-                instruction = f"Explain what this Python function from the `{module}` module does."
-                body = _source_lines(lines, fn, skip=fn.body[0])
+                instruction = f"Explain what this Python {kind} from the `{module}` module does."
+                body = textwrap.dedent(_source_lines(lines, fn, skip=fn.body[0]))
                 examples.append({"instruction": instruction, "input": body, "output": _summary(doc)})
-            if len(examples) >= limit:
-                return examples
     return examples
+
+
+def fitting_examples(examples: list[dict], tokenizer_dir: Path, limit: int) -> tuple[list[dict], int]:
+    """``limit`` examples that score at least ``SFT_MIN_SCORED`` response tokens, and the sequence length for that.
+
+    Prompts are rendered with litgpt's ``SFT_PROMPT_STYLE`` as fine-tuning renders them. Examples whose
+    prompt fits ``SFT_MAX_SEQ_LENGTH`` are taken first, in order; when too few fit (a very small
+    vocabulary), the shortest others fill up and the returned sequence length grows to fit them all, so
+    fine-tuning at that length masks no example fully.
+    """
+    from litgpt.prompts import PromptStyle
+    from litgpt.tokenizer import Tokenizer
+
+    tokenizer, style = Tokenizer(tokenizer_dir), PromptStyle.from_name(SFT_PROMPT_STYLE)
+    lengths = [len(tokenizer.encode(style.apply(prompt=e["instruction"], **e))) for e in examples]
+    budget = SFT_MAX_SEQ_LENGTH + 1 - SFT_MIN_SCORED
+    chosen = [i for i, n in enumerate(lengths) if n <= budget][:limit]
+    if len(chosen) < limit:
+        rest = sorted((i for i, n in enumerate(lengths) if n > budget), key=lambda i: lengths[i])
+        chosen += rest[: limit - len(chosen)]
+    seq_len = max([SFT_MAX_SEQ_LENGTH] + [lengths[i] + SFT_MIN_SCORED - 1 for i in chosen])
+    if seq_len > SFT_MAX_SEQ_LENGTH:
+        print(f"demo corpus: SFT prompts need max_seq_length {seq_len} (not {SFT_MAX_SEQ_LENGTH}) with this tokenizer.")
+    return [examples[i] for i in sorted(chosen)], seq_len
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +479,9 @@ def _domains(settings: dict) -> tuple[dict[str, list[str]], list[dict]]:
         "main": prose_documents(prose_pool, int(PROSE_CHARS * scale)),
         "math": math_documents(rng, int(MATH_CHARS * scale)),
     }
-    return docs, sft_examples(sft_pool, rng, max(20, int(SFT_EXAMPLES * scale)))
+    candidates = sft_examples(sft_pool, rng)
+    rng.shuffle(candidates)
+    return docs, candidates
 
 
 def demo_documents(seed: int = 0, scale: float = 1.0) -> dict[str, list[str]]:
@@ -462,7 +504,8 @@ def _build(root: Path, settings: dict) -> dict:
         for i, name in enumerate(names):
             shards[name] = _write(train[i :: len(names)], root / name, spec, f"{domain}/{name}", seed)
     val = {domain: _write(v, root / VAL_DIR / domain, spec, f"{domain}/val", seed) for domain, (_, v) in splits.items()}
-    sft_files = _write_sft(sft, root / "sft", rng)
+    sft, sft_seq_len = fitting_examples(sft, root / "tokenizer", max(20, int(SFT_EXAMPLES * settings["scale"])))
+    sft_files = _write_sft(sft, root / "sft", rng, sft_seq_len)
     return {
         "settings": settings,
         "tokenizer": "tokenizer",
@@ -474,10 +517,10 @@ def _build(root: Path, settings: dict) -> dict:
     }
 
 
-def _write_sft(examples: list[dict], out: Path, rng: random.Random) -> dict:
+def _write_sft(examples: list[dict], out: Path, rng: random.Random, max_seq_length: int) -> dict:
     examples = list(examples)
     rng.shuffle(examples)
-    n_val = max(1, len(examples) // 10)
+    n_val = max(1, round(len(examples) * SFT_VAL_FRACTION))
     out.mkdir(parents=True)
     (out / "code_sft.json").write_text(json.dumps(examples[n_val:], indent=1) + "\n")
     (out / "code_sft_val.json").write_text(json.dumps(examples[:n_val], indent=1) + "\n")
@@ -486,6 +529,9 @@ def _write_sft(examples: list[dict], out: Path, rng: random.Random) -> dict:
         "val": "sft/code_sft_val.json",
         "examples": len(examples) - n_val,
         "val_examples": n_val,
+        "prompt_style": SFT_PROMPT_STYLE,
+        "max_seq_length": max_seq_length,
+        "min_scored_tokens": SFT_MIN_SCORED,
     }
 
 

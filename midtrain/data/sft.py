@@ -1,4 +1,4 @@
-"""What litgpt's SFT data modules lack: a deterministic, resumable sample order and shifted batches.
+"""What litgpt's SFT data modules lack: a deterministic, resumable sample order and shifted, tight batches.
 
 litgpt's modules (``JSON``, ``Alpaca``, ...) tokenise, apply the prompt style and mask the prompt;
 their train loader reshuffles with a fixed generator and cannot start in the middle of an epoch.
@@ -10,11 +10,18 @@ slice of them. Resuming = rebuilding the order at the saved position.
 Batches are already shifted for next-token prediction: ``input_ids`` are the tokens but the last,
 ``labels`` the tokens but the first, with the data module's masking (``-100``) kept and padding
 labelled ``-100``, so every loss is ``cross_entropy(model(input_ids), labels)``.
+
+Micro-batches of a step are planned, not filled in order (``plan_micro_batches``): the step's SFT
+rows, longest first, in runs of ``micro_batch_size``, each padded to its own longest row; replay
+rows (full-length pretraining sequences) in micro-batches of their own, so they never force
+full-length padding onto SFT rows. The step's rows, and so its loss and the replay fraction, are
+the same however they are grouped (the loss is a sum over the step's scored tokens).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,6 +82,55 @@ def sft_rows(samples: Sequence[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]
 def collate_sft(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     """DataLoader collate for litgpt SFT samples: shifted, padded ``input_ids``/``labels``."""
     return shifted_batch(sft_rows(samples))
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """One micro-batch of a step: which rows (indices into the step's SFT or replay rows) it holds."""
+
+    replay: bool
+    rows: tuple[int, ...]
+
+
+def plan_micro_batches(sft_lengths: Sequence[int], n_replay: int, micro_batch_size: int) -> list[MicroBatchPlan]:
+    """Group one step's rows into micro-batches of at most ``micro_batch_size`` rows.
+
+    SFT rows go longest first (ties in their given order) in runs of ``micro_batch_size``; the
+    ``n_replay`` replay rows fill micro-batches of their own, after the SFT ones. Every row is in
+    exactly one micro-batch. A step whose SFT or replay count is not a multiple of
+    ``micro_batch_size`` gets one smaller micro-batch of each kind rather than a mixed one.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    by_length = sorted(range(len(sft_lengths)), key=lambda i: -sft_lengths[i])
+    plans = [
+        MicroBatchPlan(False, tuple(by_length[i : i + micro_batch_size]))
+        for i in range(0, len(by_length), micro_batch_size)
+    ]
+    plans += [
+        MicroBatchPlan(True, tuple(range(i, min(i + micro_batch_size, n_replay))))
+        for i in range(0, n_replay, micro_batch_size)
+    ]
+    return plans
+
+
+def step_micro_batches(
+    sft_samples: Sequence[dict], replay_rows: torch.Tensor | None, micro_batch_size: int
+) -> list[tuple[bool, dict[str, torch.Tensor]]]:
+    """One process's micro-batches of one step as ``(is_replay, shifted batch)``, per ``plan_micro_batches``.
+
+    ``replay_rows`` are ``[R, L + 1]`` pretraining tokens; every next-token target of them is scored.
+    """
+    sft = sft_rows(sft_samples)
+    n_replay = 0 if replay_rows is None else len(replay_rows)
+    out = []
+    for plan in plan_micro_batches([len(tokens) for tokens, _ in sft], n_replay, micro_batch_size):
+        if plan.replay:
+            rows = replay_rows[plan.rows[0] : plan.rows[-1] + 1].long()  # replay runs are contiguous
+            out.append((True, {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}))
+        else:
+            out.append((False, shifted_batch([sft[i] for i in plan.rows])))
+    return out
 
 
 def scored_fraction(dataset: Dataset, limit: int | None = None) -> float:

@@ -1,9 +1,10 @@
 """``ShardedMixedDataset``: the litgpt ``DataModule`` over typed, weighted token shards.
 
 It works as the ``data:`` of ``midtrain pretrain`` (batches carry their source) and of the stock
-``litgpt pretrain`` (plain token tensors). Every setting is checked when the object is built:
-shards are discovered, the mixture and every stage's mixture are resolved, validation paths are
-verified; ``connect`` then checks that each sampled shard can serve the sequence length.
+``litgpt pretrain`` (plain token tensors; one mixture, a validation set required). Every setting
+is checked when the object is built: shards are discovered, the mixture and every stage's
+mixture are resolved, validation paths are verified; ``connect`` then checks that each sampled
+shard can serve the sequence length. The training order is ``midtrain.data.order``'s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from litdata import StreamingDataset, TokensLoader
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
@@ -20,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from midtrain.data.mixed_stream import MixedLoader, MixedStream, Source
 from midtrain.data.mixture import MODE_FIELDS, Mixture, MixtureSpec, resolve_mixture
+from midtrain.data.order import BLENDS, DataOrder, Generation, RankSlice, layout_fingerprint
+from midtrain.data.remote import is_remote
 from midtrain.data.shards import Shard, discover_shards, load_shard, read_index
 from midtrain.errors import MidtrainError
 
@@ -37,10 +41,10 @@ class Stage:
 class ShardedMixedDataset(DataModule):
     """Weighted mixture of litdata token shards under ``data_path`` (see ``midtrain.data.mixture``)."""
 
-    data_path: Path | None = None
-    """Directory holding the shard folders (``1``, ``2``, ``c1``, ``m1``, ...)."""
+    data_path: str | Path | None = None
+    """Directory holding the shard folders (``1``, ``2``, ``c1``, ``m1``, ...); may be ``s3://…`` or ``gs://…``."""
     val_data_path: str | dict[str, str] | None = None
-    """A validation shard directory, or a mapping ``name -> shard directory`` for several sets."""
+    """A validation shard directory, or a mapping ``name -> shard directory`` for several sets (local or remote)."""
     mix_weights_str: str | dict[str, float] | None = None
     """Weighted mode: per-type weights, e.g. ``main:0.8,code:0.2``."""
     literal_weights_str: str | dict[str, float] | None = None
@@ -58,7 +62,11 @@ class ShardedMixedDataset(DataModule):
     stages: list[dict[str, Any]] | None = None
     """Mixture switches inside one run: ``[{at_step: 20000, mix_weights_str: "main:0.88,math:0.12"}]``."""
     seed: int = 42
-    """Seed for litdata's shuffles and the source sampling."""
+    """Seed of the data order (per-source epoch permutations; the random blend)."""
+    blend: str = "exact"
+    """``exact``: every prefix of a mixture within one sample of its shares; ``random``: i.i.d. source draws."""
+    storage_options: dict[str, Any] | None = None
+    """Passed to every litdata ``StreamingDataset`` (credentials / endpoint for ``s3://`` and other remote shards)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = in the main process)."""
     repeat_warning: float = 4.0
@@ -68,12 +76,15 @@ class ShardedMixedDataset(DataModule):
     batch_size: int = field(default=1, init=False, repr=False)
     block_size: int = field(default=-1, init=False, repr=False)
     with_source: bool = field(default=False, init=False, repr=False)
+    global_batch_size: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__init__()
         if self.num_workers < 0:
             raise MidtrainError(f"data.num_workers must be >= 0, got {self.num_workers}.")
-        self.shards: list[Shard] = discover_shards(self.data_path, self.shard_types)
+        if self.blend not in BLENDS:
+            raise MidtrainError(f"data.blend must be one of {', '.join(BLENDS)}, got {self.blend!r}.")
+        self.shards: list[Shard] = discover_shards(self.data_path, self.shard_types, self.storage_options)
         self.spec = MixtureSpec(
             mix_weights_str=self.mix_weights_str,
             literal_weights_str=self.literal_weights_str,
@@ -101,12 +112,15 @@ class ShardedMixedDataset(DataModule):
             stages.append(Stage(at_step=at, spec=spec, mixture=resolve_mixture(spec, self.shards, self.shard_types)))
         return stages
 
-    def _resolve_val_paths(self) -> dict[str, Path]:
+    def _resolve_val_paths(self) -> dict[str, Path | str]:
         if self.val_data_path is None:
             return {}
         raw = self.val_data_path if isinstance(self.val_data_path, dict) else {"val": self.val_data_path}
-        paths = {}
+        paths: dict[str, Path | str] = {}
         for name, path in raw.items():
+            if is_remote(path):
+                paths[str(name)] = load_shard(str(name), "val", path, self.storage_options).path  # checks index.json
+                continue
             p = Path(path).expanduser()
             if not p.is_dir():
                 raise MidtrainError(f"Validation set {name!r}: {p} does not exist.")
@@ -124,38 +138,77 @@ class ShardedMixedDataset(DataModule):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.block_size = max_seq_length + 1  # inputs plus the next-token targets
-        self.with_source = bool(kwargs.get("with_source", False))
+        self.with_source = bool(kwargs.get("with_source", False))  # midtrain's loops; the stock loop omits it
+        self.global_batch_size = kwargs.get("global_batch_size")
         for stage in self.stage_list:
             for row in stage.mixture.active:
                 row.shard.check_block_size(self.block_size)
         for name, path in self.val_paths.items():
-            load_shard(name, "val", path).check_block_size(self.block_size)
+            load_shard(name, "val", path, self.storage_options).check_block_size(self.block_size)
 
     def stage_at(self, step: int) -> tuple[int, Stage]:
         """Index and stage in force at optimizer step ``step``."""
         index = max(i for i, s in enumerate(self.stage_list) if s.at_step <= step)
         return index, self.stage_list[index]
 
-    def train_dataloader(self, step: int = 0) -> MixedLoader:
+    def order(self, upto_stage: int | None = None) -> DataOrder:
+        """The data order of a fresh run: one generation per stage (up to ``upto_stage``), each starting at its
+        step's first global index (needs ``connect`` with ``global_batch_size``)."""
         self._require_connected()
-        _, stage = self.stage_at(step)
+        layouts = {s.id: tuple(d // self.block_size for d in s.chunk_dims) for s in self.shards}
+        order = DataOrder(self.seed, layouts, [])
+        last = len(self.stage_list) - 1 if upto_stage is None else upto_stage
+        for i, stage in enumerate(self.stage_list[: last + 1]):
+            start = stage.at_step * (self.global_batch_size or 0)
+            order.add_generation(start, stage.mixture.weights_by_id(), self.blend,
+                                 reason="start" if i == 0 else f"stage {i}")
+        return order
+
+    def train_dataloader(self, step: int = 0) -> MixedLoader:
+        """This rank's loader for a run starting fresh at ``step`` (a resume restores its state with
+        ``load_state_dict``): the mixture in force at ``step``, from global index ``step * global_batch_size``."""
+        self._require_connected()
+        if not self.with_source and len(self.stage_list) > 1:
+            raise MidtrainError(
+                "data.stages switch the mixture inside a run, which the stock `litgpt pretrain` loop cannot do "
+                "(it builds its loader once). Run `midtrain pretrain` with this config."
+            )
+        world, rank = _world_and_rank()
+        ranks = RankSlice(self.global_batch_size or world * self.batch_size, world, rank, self.batch_size)
+        index, stage = self.stage_at(step)
+        weights = stage.mixture.weights_by_id()
+        layouts = {s.id: tuple(d // self.block_size for d in s.chunk_dims) for s in self.shards}
+        start = step * ranks.global_batch
+        order = DataOrder(self.seed, layouts, [Generation(start, weights, self.blend, {}, f"stage {index}")])
         sources = [
-            Source(id=r.shard.id, type=r.shard.type, path=str(r.shard.path), tokens=r.shard.tokens, weight=r.weight)
+            Source(id=r.shard.id, type=r.shard.type, path=_location(r.shard.path), tokens=r.shard.tokens,
+                   weight=r.weight, fingerprint=layout_fingerprint(r.shard.chunk_dims))
             for r in stage.mixture.active
         ]
-        stream = MixedStream(sources, block_size=self.block_size, batch_size=self.batch_size, seed=self.seed)
+        order.blend(0)  # computed once here; workers get it with the stream
+        stream = MixedStream(order, sources, self.block_size, ranks, start=start, storage_options=self.storage_options)
         return MixedLoader(stream, num_workers=self.num_workers, plain=not self.with_source)
 
-    def val_dataloader(self) -> DataLoader | None:
-        """The first validation set as plain token batches (what stock ``litgpt pretrain`` expects)."""
-        loaders = self.val_dataloaders()
-        return next(iter(loaders.values()), None)
+    def val_dataloader(self) -> DataLoader:
+        """The first validation set as plain token batches (what the stock ``litgpt pretrain`` loop expects)."""
+        self._require_connected()
+        if not self.val_paths:
+            raise MidtrainError(
+                "The stock `litgpt pretrain` loop needs a validation set: set data.val_data_path (or run "
+                "`midtrain pretrain`, where validation sets are optional)."
+            )
+        name, path = next(iter(self.val_paths.items()))
+        windows = ValWindows(path, self.block_size, None, masked=False, storage_options=self.storage_options)
+        return DataLoader(windows, batch_size=self.batch_size)
 
     def val_dataloaders(self, max_samples: int | None = None, batch_size: int | None = None) -> dict[str, DataLoader]:
-        """One loader per named validation set, each over a fixed, rank-split sample budget."""
+        """One loader per named validation set, each over a fixed sample budget split evenly across ranks."""
         self._require_connected()
         return {
-            name: DataLoader(ValWindows(path, self.block_size, max_samples), batch_size=batch_size or self.batch_size)
+            name: DataLoader(
+                ValWindows(path, self.block_size, max_samples, storage_options=self.storage_options),
+                batch_size=batch_size or self.batch_size,
+            )
             for name, path in self.val_paths.items()
         }
 
@@ -164,27 +217,61 @@ class ShardedMixedDataset(DataModule):
             raise MidtrainError("Call data.connect(tokenizer, batch_size, max_seq_length) before asking for loaders.")
 
 
+def _world_and_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _location(path: Any) -> str:
+    """A shard location for litdata: a local path or a URL such as ``s3://bucket/shard`` (kept as given)."""
+    return path if isinstance(path, str) else str(path)
+
+
 class ValWindows(Dataset):
     """A fixed budget of evenly spaced, unshuffled windows of a validation shard, split across ranks.
 
     Window ``i`` of ``n`` is sample ``floor(i * total / n)``; rank ``r`` of ``w`` takes windows
     ``r, r + w, ...``. The union over ranks is the same set for every world size, so a summed and
-    all-reduced loss does not depend on the device count or the micro-batch size.
+    all-reduced loss does not depend on the device count or the micro-batch size. Every rank gets
+    ``ceil(n / w)`` items, so every rank runs the same number of forward passes (collectives under
+    FSDP): a rank short of windows pads with a copy of a window whose targets are all masked
+    (``masked=True``: dict items ``input_ids``/``labels``), or, for the stock loop's plain tensors,
+    with a repeat of the shard's first window.
     """
 
-    def __init__(self, path: Path, block_size: int, max_samples: int | None = None) -> None:
-        self.dataset = StreamingDataset(str(path), item_loader=TokensLoader(block_size=block_size), shuffle=False)
-        total = load_shard("val", "val", Path(path)).samples(block_size)
+    def __init__(
+        self,
+        path: Any,
+        block_size: int,
+        max_samples: int | None = None,
+        masked: bool = True,
+        storage_options: dict | None = None,
+    ) -> None:
+        self.dataset = StreamingDataset(
+            _location(path), item_loader=TokensLoader(block_size=block_size), shuffle=False,
+            storage_options=storage_options or {},
+        )
+        total = load_shard("val", "val", path, storage_options).samples(block_size)
         n = total if max_samples is None else min(total, int(max_samples))
-        rank, world = self.dataset.distributed_env.global_rank, self.dataset.distributed_env.world_size
+        world, rank = _world_and_rank()
         self.indices = [i * total // n for i in range(rank, n, world)]
+        self.length = -(-n // world)
         self.total_windows = n
+        self.masked = masked
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.length
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.dataset[self.indices[i]]
+    def __getitem__(self, i: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        pad = i >= len(self.indices)
+        window = self.dataset[0 if pad else self.indices[i]]
+        if not self.masked:
+            return window
+        labels = window[1:].clone()
+        if pad:
+            labels.fill_(-100)
+        return {"input_ids": window[:-1], "labels": labels}
 
 
 def register_litgpt_alias() -> None:

@@ -6,7 +6,8 @@ On-disk layout of one checkpoint (``out_dir/step-00001000/``)::
     train_state.json       step counters, tokens per source, mixture, loader state (caller's dict)
     hyperparameters.yaml   the run config (caller's dict)
     model_config.yaml      litgpt model config (if given)
-    tokenizer.json, ...    tokenizer/config files copied from tokenizer_dir (if given)
+    tokenizer.json, ...    the tokenizer files of tokenizer_dir (if given; never its config.json, which
+                           describes whatever model that directory came from)
     COMPLETE               marker, written last: {"step": 1000}
 
 litgpt tools read ``lit_model.pth`` as well (they unwrap the ``"model"`` key), so a checkpoint is a
@@ -27,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Mapping
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from midtrain.errors import MidtrainError
+from midtrain.tokenizer_fingerprint import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -157,15 +160,29 @@ def load_checkpoint(fabric: Fabric, path: Path | str, state: dict[str, Any], str
     path = Path(path)
     if not is_complete(path):
         raise MidtrainError(_incomplete_message(path))
+    if (path / MODEL_FILE).is_file():
+        read_weights_only(path / MODEL_FILE)  # FSDP's full-checkpoint reader is not restricted; refuse pickled code
     try:
-        fabric.load(path / MODEL_FILE, state, strict=strict)
-    except (KeyError, RuntimeError) as err:
+        fabric.load(path / MODEL_FILE, state, strict=strict, weights_only=True)
+    except (KeyError, RuntimeError, pickle.UnpicklingError) as err:
         written_for = path / MODEL_CONFIG_FILE
         hint = f"\nIt was written for the model in {written_for}." if written_for.is_file() else ""
         raise MidtrainError(
             f"Checkpoint {path} does not fit the current model/optimizer (strict={strict}): {err}{hint}"
         ) from err
     return read_train_state(path)
+
+
+def read_weights_only(file: Path | str) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file, memory-mapped (cheap: tensors are read when used) and restricted to
+    tensors and plain data (``weights_only=True``); anything else is a MidtrainError."""
+    import torch
+
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MidtrainError(f"Cannot read {file} as tensors and plain data (weights_only=True): {first}") from err
 
 
 def read_train_state(path: Path | str) -> dict[str, Any]:
@@ -245,9 +262,9 @@ def _write_atomically(
         if unwrap:
             _unwrap_model_file(tmp / MODEL_FILE)
         if tokenizer_dir is not None:
-            from litgpt.utils import copy_config_files
-
-            copy_config_files(Path(tokenizer_dir), tmp)
+            for file_name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / file_name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / file_name, tmp / file_name)
         for file_name, text in texts.items():
             if file_name != MARKER_FILE:
                 (tmp / file_name).write_text(text, encoding="utf-8")

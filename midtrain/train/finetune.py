@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,9 +30,7 @@ import lightning as L
 import torch
 from litgpt.config import Config
 from litgpt.data import DataModule
-from litgpt.model import GPT
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import choose_logger, instantiate_torch_optimizer, num_parameters
 from torch.utils.data import DataLoader
 
 from midtrain.data.replay import Replay, spread
@@ -41,31 +38,22 @@ from midtrain.data.sft import SFTOrder, StepBatches, scored_fraction, sft_rows, 
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
+from midtrain.preflight import check_finetune
+from midtrain.tokenizer_fingerprint import check_shard_tokenizers
 from midtrain.train.args import EvalArgs, TrainArgs
-from midtrain.train.checkpoints import (
-    MODEL_CONFIG_FILE,
-    MODEL_FILE,
-    find_latest,
-    load_checkpoint,
-    read_train_state,
-    resolve_resume,
-    save_checkpoint,
-)
+from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
+from midtrain.train.loggers import build_logger
 from midtrain.train.runtime import (
-    EXIT_PREEMPTED,
-    MetricsLog,
     PreemptionFlag,
+    TrainingRun,
+    begin_run,
     build_fabric,
-    check_compatible,
-    evaluate_sets,
-    gather_objects,
-    load_weights,
-    rank_loader_state,
+    build_model_and_optimizer,
+    check_weights_tokenizer,
+    load_initial_weights,
+    resolve_start,
     run_config,
     sequence_losses,
-    tokenizer_fingerprint,
-    val_metrics,
-    write_json,
 )
 from midtrain.train.schedules import lr_at
 
@@ -87,7 +75,7 @@ def setup(
     epochs: float | None = None,
     eval: EvalArgs = EvalArgs(interval=100),
     optimizer: str | dict = "AdamW",
-    resume: bool | Literal["auto"] | Path = False,
+    resume: bool | Literal["auto"] | Path = "auto",
     tokenizer_dir: Path | None = None,
     logger_name: Literal["wandb", "tensorboard", "csv"] = "csv",
     seed: int = 42,
@@ -112,8 +100,9 @@ def setup(
         epochs: Length in epochs over the SFT training split instead of ``train.max_steps``.
         eval: Validation interval and sample budget per set.
         optimizer: A torch optimizer name or ``{class_path, init_args}``; its state starts fresh.
-        resume: ``auto`` (newest complete checkpoint in ``out_dir``, else start fresh), True, a checkpoint of
-            a fine-tuning run, or False.
+        resume: Where a new run starts: ``auto`` (default: fresh from ``checkpoint_dir``) or a checkpoint of a
+            fine-tuning run. Once ``out_dir`` holds checkpoints, the run always continues from its newest (a
+            requeue); ``false`` then refuses instead of training over them.
         tokenizer_dir: Tokenizer directory (default: ``checkpoint_dir``).
         logger_name: Extra logger besides ``metrics.jsonl``.
         seed: Seed for the SFT sample order.
@@ -137,11 +126,15 @@ def setup(
     replay = replay or Replay()
     replay_data = replay.build()
     config = Config.from_file(base / MODEL_CONFIG_FILE)
+    check_finetune(
+        config=config, train=train, eval=eval, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
+        resume=resume, out_dir=out_dir, logger_name=logger_name,
+    )
     hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
     replay.sequences_per_step(train.global_batch_size, fabric.world_size)  # fail before launching
     fabric._loggers = [
-        choose_logger(logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval)
+        build_logger(logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval)
     ]
     fabric.launch(
         main, config, base, tokenizer_dir, data, replay, replay_data, val_data_path or {}, Path(out_dir), train, epochs,
@@ -175,9 +168,11 @@ def main(
     n_replay = replay.sequences_per_step(train.global_batch_size, world)
     n_sft = train.global_batch_size - n_replay
     replay_counts = spread(n_replay // world, accum)  # this process's replay sequences per micro-batch
-    checkpoint = resolve_resume(resume, out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    start = resolve_start(fabric, resume, out_dir, base)
+    if start.checkpoint is not None and "sft" not in start.saved:
+        raise MidtrainError(
+            f"{start.checkpoint} is not a fine-tuning checkpoint; to start from pretrained weights use checkpoint_dir."
+        )
 
     # ---- SFT data (litgpt module), replay stream, validation sets ------------------------------
     tokenizer = Tokenizer(tokenizer_dir)
@@ -215,51 +210,52 @@ def main(
         val_loaders[name] = DataLoader(ValWindows(path, seq_len + 1, eval.max_samples), batch_size=eval_batch)
     replay_loader = None
     if n_replay:
-        replay_data.connect(tokenizer, batch_size=n_replay // world, max_seq_length=seq_len, with_source=True)
+        replay_data.connect(tokenizer, batch_size=n_replay // world, max_seq_length=seq_len, with_source=True,
+                            global_batch_size=n_replay)
         replay_loader = replay_data.train_dataloader()
+
+    end_step = start.end_step(train.max_steps, train.max_additional_steps)
+    note = check_shard_tokenizers(tokenizer_dir, [path for _, path in shard_sets] + _replay_shards(replay_data))
+    if note:
+        fabric.print(note)
+    if start.checkpoint is None:
+        check_weights_tokenizer(base, tokenizer_dir)
+    if not begin_run(fabric, start, end_step):
+        return
 
     # ---- model and optimizer (fresh; weights from the base checkpoint unless resuming) ---------
     fabric.seed_everything(seed)
-    with fabric.init_module(empty_init=True):  # every weight is loaded below
-        model = GPT(config)
-    if train.tie_embeddings:
-        model.transformer.wte.weight = model.lm_head.weight
-    if checkpoint is None:
-        load_weights(fabric, model, base)
-    model.max_seq_length = seq_len
-    fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, sequence length {seq_len}.")
-    model = fabric.setup(model)
-    optimizer = instantiate_torch_optimizer(optimizer_cfg, model.parameters(), fused=fabric.device.type == "cuda")
-    optimizer = fabric.setup_optimizers(optimizer)
+    model, optimizer = build_model_and_optimizer(
+        fabric, config, seq_len, optimizer_cfg, train.tie_embeddings, initialize=False
+    )
     base_lr = optimizer.param_groups[0]["lr"]
     schedule = train.schedule()
     fabric.print(f"LR schedule: {schedule.describe(base_lr, train.max_steps)}.")
+    run = TrainingRun(
+        fabric, start, model, optimizer, hparams, config, seq_len, tokenizer_dir, train.keep_last_checkpoints,
+        val_loaders,
+    )  # fmt: skip
 
     # ---- state: fresh or resumed -------------------------------------------------------------------
     step, sft_consumed = 0, 0
     counts = {"sft_tokens": 0, "replay_tokens": 0}  # scored tokens so far
     replay_by_source: dict[str, int] = {}
-    fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    if checkpoint is not None:
-        saved = read_train_state(checkpoint)
-        if "sft" not in saved:
-            raise MidtrainError(
-                f"{checkpoint} is not a fine-tuning checkpoint; to start from pretrained weights use checkpoint_dir."
-            )
+    if start.checkpoint is not None:
+        saved = start.saved
         if saved["sft"]["train_samples"] != len(train_set):
             raise MidtrainError(
-                f"The SFT training split had {saved['sft']['train_samples']} samples at {checkpoint} and has "
+                f"The SFT training split had {saved['sft']['train_samples']} samples at {start.checkpoint} and has "
                 f"{len(train_set)} now; the saved data position would mean something else."
             )
-        check_compatible(saved, config, seq_len, fingerprint, checkpoint)
-        load_checkpoint(fabric, checkpoint, {"model": model, "optimizer": optimizer})
-        step, sft_consumed = int(saved["step"]), int(saved["sft"]["consumed"])
+        run.restore()
+        step, sft_consumed = start.step, int(saved["sft"]["consumed"])
         counts = {k: int(saved["tokens"][k]) for k in counts}
         replay_by_source = dict(saved["replay"]["tokens_by_source"])
         if replay_loader is not None and saved["replay"]["loader"]:
-            replay_loader.load_state_dict(rank_loader_state(fabric, saved["replay"]["loader"]))
-        fabric.print(f"Resumed from {checkpoint} at optimizer step {step} ({sft_consumed} SFT samples consumed).")
+            replay_loader.load_state_dict(saved["replay"]["loader"])
+        fabric.print(f"({sft_consumed} SFT samples consumed.)")
     else:
+        load_initial_weights(fabric, model, base)
         fabric.print(f"Fine-tuning {base} (fresh optimizer).")
     order = SFTOrder(len(train_set), seed)
     sft_loader = DataLoader(
@@ -275,52 +271,23 @@ def main(
         f"validation sets: {', '.join(val_loaders) or 'none'}."
     )
 
-    end_step = train.max_steps
-    if train.max_additional_steps is not None:
-        end_step = min(end_step, step + train.max_additional_steps)
-    metrics_log = MetricsLog(fabric, out_dir)
-    final_losses: dict[str, float] = {}
-
     def save(reason: str) -> Path:
         train_state = {
-            "step": step,
             "sft": {"consumed": sft_consumed, "epoch": sft_consumed / len(train_set), "train_samples": len(train_set)},
             "replay": {
                 "ratio": replay.ratio,
                 "sequences_per_step": n_replay,
-                "loader": gather_objects(fabric, replay_loader.state_dict()) if replay_loader is not None else None,
+                "loader": replay_loader.state_dict() if replay_loader is not None else None,
                 "tokens_by_source": replay_by_source,
             },
             "tokens": counts,
             "base_checkpoint": str(base),
-            "model_config": dataclasses.asdict(config),
-            "max_seq_length": seq_len,
-            "tokenizer_fingerprint": fingerprint,
-            "world_size": world,
-            "reason": reason,
-            "train_seconds": prior_seconds + time.perf_counter() - t_start,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         }
-        path = save_checkpoint(
-            fabric,
-            out_dir,
-            step,
-            {"model": model, "optimizer": optimizer},
-            train_state,
-            hparams,
-            model_config=dataclasses.asdict(config),
-            tokenizer_dir=tokenizer_dir,
-        )
-        fabric.print(f"Saved checkpoint {path} ({reason}).")
-        return path
+        return run.save(step, train_state, reason)
 
-    def validate(at_step: int, **extra: Any) -> None:
-        losses = evaluate_sets(fabric, model, val_loaders)
-        final_losses.update(losses)
-        metrics_log.log(at_step, {**extra, **val_metrics(losses)})
-        fabric.print(f"validation at step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-
-    if eval.initial_validation and val_loaders:
-        validate(step)
+    if eval.initial_validation and val_loaders and not start.own:  # a continued run validated this step before
+        run.validate(step)
 
     # ---- the loop: one iteration = one optimizer step -----------------------------------------------
     sft_iter = iter(sft_loader)
@@ -329,8 +296,7 @@ def main(
     last = torch.zeros(2, 3, dtype=torch.float64, device=fabric.device)
     window = torch.zeros_like(last)
     n_sources = len(replay_loader.sources) if replay_loader is not None else 0
-    own = checkpoint is not None and checkpoint.parent.resolve() == out_dir.resolve()
-    prior_seconds = float(saved.get("train_seconds", 0.0)) if own else 0.0  # this run's earlier attempts
+    prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -394,7 +360,7 @@ def main(
             for name, (loss_sum, tokens, _) in zip(("sft", "replay"), window.tolist()):
                 if tokens:
                     metrics[f"train/{name}/loss"] = loss_sum / tokens
-            metrics_log.log(step, metrics)
+            run.metrics.log(step, metrics)
             fabric.print(
                 f"step {step}/{end_step} | loss {metrics['loss']:.4f} | lr {lr:.3e} | epoch {metrics['epoch']:.2f} | "
                 f"replay {metrics['replay_sequences']}/{train.global_batch_size} | {metrics['step_time']:.2f} s/step"
@@ -403,40 +369,25 @@ def main(
             t_window, window_start_step = now, step
 
         if val_loaders and eval.interval and step % eval.interval == 0 and step != end_step:
-            validate(step)
-        if preempt.agreed(fabric):
-            save("preempted")
-            fabric.print(
-                f"Preemption signal: checkpoint written at step {step}; exiting with status "
-                f"{EXIT_PREEMPTED} so the job is requeued."
-            )
-            fabric.barrier()
-            sys.exit(EXIT_PREEMPTED)
+            run.validate(step)
+        run.exit_if_preempted(preempt, step, save)
         if train.save_interval and step % train.save_interval == 0 and step != end_step:
             save("interval")
 
-    resumed_at = int(saved["step"]) if checkpoint is not None else 0
-    final = save("end") if step > resumed_at else checkpoint
-    if eval.final_validation and val_loaders:
-        validate(step, final=True)
-    if rank == 0:
-        write_json(
-            out_dir / "summary.json",
-            {
-                "step": step,
-                "max_steps": train.max_steps,
-                "final_checkpoint": str(final),
-                "base_checkpoint": str(base),
-                "replay_ratio": replay.ratio,
-                "replay_sequences_per_step": n_replay,
-                "sft_sequences_per_step": n_sft,
-                "epochs": sft_consumed / len(train_set),
-                "tokens": counts,
-                "replay_tokens_by_source": replay_by_source,
-                "val": final_losses,
-                "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
-            },
-        )
+    run.finish(
+        step, save, eval.final_validation,
+        {
+            "max_steps": train.max_steps,
+            "base_checkpoint": str(base),
+            "replay_ratio": replay.ratio,
+            "replay_sequences_per_step": n_replay,
+            "sft_sequences_per_step": n_sft,
+            "epochs": sft_consumed / len(train_set),
+            "tokens": counts,
+            "replay_tokens_by_source": replay_by_source,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
+        },
+    )  # fmt: skip
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -469,6 +420,12 @@ def _check_scored(train_set: Any, val_set: Any, seq_len: int, val_samples: int |
         )
     if len(val_set) and scored_fraction(val_set, limit=val_samples) == 0:
         raise MidtrainError(f"No SFT validation sample keeps a scored response token: {hint}.")
+
+
+def _replay_shards(replay_data: ShardedMixedDataset | None) -> list[Path]:
+    if replay_data is None:
+        return []
+    return [s.path for s in replay_data.shards] + list(replay_data.val_paths.values())
 
 
 def _resolve_base(path: Path) -> Path:

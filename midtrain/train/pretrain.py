@@ -8,8 +8,6 @@ per-source loss and token logging, atomic checkpoints and SLURM preemption.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -19,34 +17,26 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
 from litgpt.config import Config
 from litgpt.model import GPT
-from litgpt.pretrain import initialize_weights
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import choose_logger, chunked_cross_entropy, instantiate_torch_optimizer, num_parameters
+from litgpt.utils import chunked_cross_entropy
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
+from midtrain.preflight import check_pretrain
+from midtrain.tokenizer_fingerprint import check_shard_tokenizers
 from midtrain.train.args import EvalArgs, TrainArgs
-from midtrain.train.checkpoints import (
-    find_latest,
-    load_checkpoint,
-    read_train_state,
-    resolve_resume,
-    save_checkpoint,
-)
+from midtrain.train.loggers import build_logger
 from midtrain.train.runtime import (
-    EXIT_PREEMPTED,
-    MetricsLog,
     PreemptionFlag,
+    TrainingRun,
+    begin_run,
     build_fabric,
-    check_compatible,
-    evaluate_sets,
-    gather_objects,
-    load_weights,
-    rank_loader_state,
+    build_model_and_optimizer,
+    check_weights_tokenizer,
+    load_initial_weights,
+    resolve_start,
     run_config,
     sequence_losses,
-    tokenizer_fingerprint,
-    val_metrics,
     write_json,
 )
 from midtrain.train.schedules import lr_at
@@ -58,7 +48,7 @@ def setup(
     out_dir: Path = Path("out/pretrain"),
     precision: str | None = None,
     initial_checkpoint_dir: Path | None = None,
-    resume: bool | Literal["auto"] | Path = False,
+    resume: bool | Literal["auto"] | Path = "auto",
     data: ShardedMixedDataset | None = None,
     train: TrainArgs = TrainArgs(),
     eval: EvalArgs = EvalArgs(),
@@ -80,9 +70,11 @@ def setup(
         model_config: A litgpt ``Config`` for a custom model.
         out_dir: Run directory: checkpoints ``step-XXXXXXXX/``, ``metrics.jsonl``, ``mixture_history.json``.
         precision: Fabric precision (``bf16-mixed``, ``32-true``, ...); default picks the best supported.
-        initial_checkpoint_dir: Start from these model weights (step 0, fresh optimizer).
-        resume: ``auto`` (newest complete checkpoint in ``out_dir``, else start fresh), a checkpoint
-            directory (also from another run: midtraining into a new ``out_dir``), or False.
+        initial_checkpoint_dir: Start a new run from these model weights (step 0, fresh optimizer); loaded after
+            ``fabric.setup`` (FSDP-safe).
+        resume: Where a new run starts: ``auto`` (default: fresh), or a checkpoint directory (also another run's:
+            midtraining into a new ``out_dir``). Once ``out_dir`` holds checkpoints, the run always continues from
+            its newest (a requeue); ``false`` then refuses instead of training over them.
         data: The ShardedMixedDataset (mixture, stages, validation sets).
         train: Length, batch sizes, LR schedule, checkpoint interval.
         eval: Validation interval and sample budget.
@@ -97,6 +89,11 @@ def setup(
         compile: ``torch.compile`` the model.
         preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
     """
+    check_pretrain(
+        model_name=model_name, model_config=model_config, data=data, train=train, eval=eval, devices=devices,
+        num_nodes=num_nodes, accelerator=accelerator, resume=resume, out_dir=out_dir,
+        initial_checkpoint_dir=initial_checkpoint_dir, tokenizer_dir=tokenizer_dir, logger_name=logger_name,
+    )
     if (model_name is None) == (model_config is None):
         raise MidtrainError("Give exactly one of model_name (a litgpt model name) or model_config.")
     if data is None:
@@ -105,7 +102,7 @@ def setup(
     train.validate()
     hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
-    logger = choose_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
+    logger = build_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
     fabric._loggers = [logger]
     fabric.launch(
         main,
@@ -145,62 +142,58 @@ def main(
     accum = train.gradient_accumulation_iters(fabric.world_size)
     seq_len = train.max_seq_length or config.block_size
     schedule = train.schedule()
-    checkpoint = _resume_point(fabric, resume, out_dir)
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    start = resolve_start(fabric, resume, out_dir, initial_checkpoint_dir)
+    end_step = start.end_step(train.max_steps, train.max_additional_steps)
+    if tokenizer_dir is None:
+        fabric.print("note: no tokenizer_dir, so the tokenizer the shards were prepared with is not checked.")
+    elif note := check_shard_tokenizers(tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values())):
+        fabric.print(note)
+    if start.checkpoint is None and initial_checkpoint_dir is not None:
+        check_weights_tokenizer(initial_checkpoint_dir, tokenizer_dir)
+    if not begin_run(fabric, start, end_step):
+        return
 
-    # ---- model and optimizer ---------------------------------------------------------------
+    # ---- model and optimizer: built empty, then weights from litgpt's init, a checkpoint or initial weights ---
     fabric.seed_everything(seed)
-    with fabric.init_module(empty_init=True):  # every weight is set by initialize_weights below
-        model = GPT(config)
-    initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
-    if train.tie_embeddings:
-        model.transformer.wte.weight = model.lm_head.weight
-    model.max_seq_length = seq_len
-    fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, sequence length {seq_len}.")
-    if checkpoint is None and initial_checkpoint_dir is not None:
-        load_weights(fabric, model, Path(initial_checkpoint_dir))
-    if compile:
-        model = torch.compile(model)
-    model = fabric.setup(model)
-    optimizer = instantiate_torch_optimizer(optimizer_cfg, model.parameters(), fused=fabric.device.type == "cuda")
-    optimizer = fabric.setup_optimizers(optimizer)
+    model, optimizer = build_model_and_optimizer(
+        fabric, config, seq_len, optimizer_cfg, train.tie_embeddings, initialize=True, compile=compile
+    )
     base_lr = optimizer.param_groups[0]["lr"]
 
     # ---- data --------------------------------------------------------------------------------
     tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len, with_source=True)
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len, with_source=True,
+                 global_batch_size=train.global_batch_size)
     val_loaders = data.val_dataloaders(max_samples=eval.max_samples, batch_size=eval.batch_size)
     types = sorted({r.shard.type for s in data.stage_list for r in s.mixture.active})
+    run = TrainingRun(
+        fabric, start, model, optimizer, hparams, config, seq_len, tokenizer_dir, train.keep_last_checkpoints,
+        val_loaders,
+    )  # fmt: skip
 
     # ---- state: fresh, from initial weights, or resumed ------------------------------------
     step = 0
     tokens_by_source: dict[str, int] = {}
     history: list[dict] = []
-    fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    if checkpoint is not None:
-        check_compatible(read_train_state(checkpoint), config, seq_len, fingerprint, checkpoint)
-        saved = load_checkpoint(fabric, checkpoint, {"model": model, "optimizer": optimizer})
-        step = int(saved["step"])
+    if start.checkpoint is not None:
+        saved = run.restore()
+        step = start.step
         tokens_by_source = {k: int(v) for k, v in saved["tokens_by_source"].items()}
         history = list(saved.get("mixture_history", []))
-        fabric.print(f"Resumed from {checkpoint} at optimizer step {step}.")
+    elif initial_checkpoint_dir is not None:
+        load_initial_weights(fabric, model, Path(initial_checkpoint_dir))
 
     stage_index, stage = data.stage_at(step)
     loader = data.train_dataloader(step)
-    if checkpoint is not None:
-        loader.load_state_dict(rank_loader_state(fabric, saved["loader"]))
+    if start.checkpoint is not None:
+        loader.load_state_dict(saved["loader"])  # the same on every rank
         if saved["mixture"]["weights"] != stage.mixture.weights_by_id():
-            history.append(_switch(step, saved["mixture"], stage.mixture, f"resume from {checkpoint}"))
+            history.append(_switch(step, saved["mixture"], stage.mixture, f"resume from {start.checkpoint}"))
             fabric.print(f"Mixture changed at step {step}: {history[-1]['from']} -> {history[-1]['to']}")
     if not history:
         history.append(_switch(step, None, stage.mixture, "start"))
     fabric.print(f"Mixture from step {step}: {stage.mixture.mode} {stage.mixture.description}")
 
-    end_step = train.max_steps
-    if train.max_additional_steps is not None:
-        end_step = min(end_step, step + train.max_additional_steps)
-    metrics_log = MetricsLog(fabric, out_dir)
     # model FLOPs of one optimizer step (all ranks), and the device peak for MFU (known for GPUs only)
     flops_per_step = _flops_per_batch(config, train.micro_batch_size, seq_len) * accum * fabric.world_size
     peak_flops = get_available_flops(fabric.device, _compute_dtype(fabric))
@@ -220,9 +213,7 @@ def main(
 
     def save(reason: str) -> Path:
         flush_tokens()
-        loader_states = gather_objects(fabric, loader.state_dict())
         train_state = {
-            "step": step,
             "tokens_seen": sum(tokens_by_source.values()),
             "tokens_by_source": tokens_by_source,
             "tokens_by_type": _by_type(tokens_by_source, data),
@@ -233,40 +224,18 @@ def main(
                 "weights": stage.mixture.weights_by_id(),
             },
             "mixture_history": history,
-            "loader": loader_states,
-            "model_config": dataclasses.asdict(config),
-            "max_seq_length": seq_len,
-            "tokenizer_fingerprint": fingerprint,
-            "world_size": fabric.world_size,
-            "reason": reason,
-            "train_seconds": prior_seconds + time.perf_counter() - t_start,
+            "loader": loader.state_dict(),
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         }
-        path = save_checkpoint(
-            fabric,
-            out_dir,
-            step,
-            {"model": model, "optimizer": optimizer},
-            train_state,
-            hparams,
-            model_config=dataclasses.asdict(config),
-            tokenizer_dir=tokenizer_dir,
-        )
-        fabric.print(f"Saved checkpoint {path} ({reason}).")
-        return path
+        return run.save(step, train_state, reason)
 
-    def validate(at_step: int, **extra: Any) -> None:
-        losses = evaluate_sets(fabric, model, val_loaders)
-        metrics_log.log(at_step, {**extra, **val_metrics(losses)})
-        fabric.print(f"validation at step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-
-    if eval.initial_validation and val_loaders:
-        validate(step)
+    if eval.initial_validation and val_loaders and not start.own:  # a continued run validated this step before
+        run.validate(step)
 
     # ---- the loop: one iteration = one optimizer step -----------------------------------------
     train_iter = iter(loader)
     sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)  # per type: loss, sequences
-    own = checkpoint is not None and checkpoint.parent.resolve() == out_dir.resolve()
-    prior_seconds = float(saved.get("train_seconds", 0.0)) if own else 0.0  # this run's earlier attempts
+    prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -339,7 +308,7 @@ def main(
                     metrics[f"train/{t}/loss"] = loss_sum / n
             for t, count in _by_type(tokens_by_source, data).items():
                 metrics[f"tokens/{t}"] = count
-            metrics_log.log(step, metrics)
+            run.metrics.log(step, metrics)
             fabric.print(
                 f"step {step}/{end_step} | loss {metrics['loss']:.4f} | lr {lr:.3e} | "
                 f"{metrics['tokens_per_sec_per_device']:,.0f} tok/s/device"
@@ -348,51 +317,25 @@ def main(
             t_window, window_start_step = now, step
 
         if val_loaders and eval.interval and step % eval.interval == 0 and step != end_step:
-            validate(step)
-        if preempt.agreed(fabric):
-            save("preempted")
-            fabric.print(
-                f"Preemption signal: checkpoint written at step {step}; exiting with status "
-                f"{EXIT_PREEMPTED} so the job is requeued."
-            )
-            fabric.barrier()
-            sys.exit(EXIT_PREEMPTED)
+            run.validate(step)
+        run.exit_if_preempted(preempt, step, save)
         if train.save_interval and step % train.save_interval == 0 and step != end_step:
             save("interval")
 
-    if step > 0 and (checkpoint is None or step > int(saved["step"])):
-        final = save("end")
-    else:
-        final = checkpoint
-    if eval.final_validation and val_loaders:
-        validate(step, final=True)
-    if fabric.global_rank == 0:
-        write_json(
-            out_dir / "summary.json",
-            {
-                "step": step,
-                "max_steps": train.max_steps,
-                "final_checkpoint": str(final),
-                "tokens_seen": sum(tokens_by_source.values()),
-                "tokens_by_source": tokens_by_source,
-                "tokens_by_type": _by_type(tokens_by_source, data),
-                "mixture_history": history,
-                "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
-            },
-        )
+    run.finish(
+        step, save, eval.final_validation,
+        {
+            "max_steps": train.max_steps,
+            "tokens_seen": sum(tokens_by_source.values()),
+            "tokens_by_source": tokens_by_source,
+            "tokens_by_type": _by_type(tokens_by_source, data),
+            "mixture_history": history,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
+        },
+    )  # fmt: skip
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def _resume_point(fabric: L.Fabric, resume: bool | Literal["auto"] | Path, out_dir: Path) -> Path | None:
-    """The checkpoint to start from. A run that already wrote checkpoints of its own continues from its newest
-    one even when ``resume`` names another run's checkpoint (a requeued midtraining job must not restart)."""
-    own = find_latest(out_dir) if out_dir.is_dir() else None
-    if own is not None and resume not in (False, None, "auto", True):
-        fabric.print(f"{out_dir} already has checkpoint {own.name}: continuing it instead of starting from {resume}.")
-        return own
-    return resolve_resume(resume, out_dir)
 
 
 def _switch(step: int, old: dict | None, new, reason: str) -> dict:

@@ -1,27 +1,59 @@
-"""Pieces every training entry point shares: Fabric setup, metrics log, validation, preemption."""
+"""What pretrain and finetune share: Fabric, the resume policy, model and weights, checkpoints, validation,
+metrics, preemption and the end of a run (last checkpoint, final validation, litgpt's ``final/``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from litgpt.config import Config
 from litgpt.model import GPT, Block
-from litgpt.utils import get_default_supported_precision, parse_devices
+from litgpt.pretrain import initialize_weights
+from litgpt.utils import get_default_supported_precision, instantiate_torch_optimizer, num_parameters, parse_devices
 from torch.utils.data import DataLoader
 
 from midtrain import preemption
 from midtrain.errors import MidtrainError
-from midtrain.preemption import EXIT_PREEMPTED  # noqa: F401  (re-exported for the loops)
+from midtrain.preemption import EXIT_PREEMPTED
+from midtrain.tokenizer_fingerprint import tokenizer_fingerprint
+from midtrain.train.checkpoints import (
+    FINAL_DIR,
+    MARKER_FILE,
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
+    find_latest,
+    load_checkpoint,
+    prune_checkpoints,
+    read_train_state,
+    read_weights_only,
+    resolve_resume,
+    save_checkpoint,
+    save_final,
+)
+
+BRANCH_FILE = "branch_point.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class MmapCheckpointIO(TorchCheckpointIO):
+    """Checkpoint reads with ``mmap=True, weights_only=True``: ranks share the page cache instead of each
+    holding a full copy of model and optimizer state in RAM, and a file can only hold tensors and plain data."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:  # noqa: ARG002
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 def build_fabric(
@@ -35,13 +67,20 @@ def build_fabric(
     precision = precision or get_default_supported_precision(training=True)
     devices = parse_devices(devices)
     on_gpu = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+    if strategy == "fsdp" and not on_gpu:
+        raise MidtrainError("strategy: fsdp needs GPUs (Lightning runs FSDP on GPUs only); on CPU use ddp or auto.")
+    plugins = []
     if devices * num_nodes == 1:
         chosen = "auto"
-    elif strategy == "fsdp" or (strategy == "auto" and on_gpu):
+        plugins.append(MmapCheckpointIO())
+    elif strategy == "fsdp" or (strategy == "auto" and on_gpu):  # FSDP reads full checkpoints lazily itself
         chosen = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="HYBRID_SHARD")
     else:
-        chosen = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo")
-    return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=chosen, precision=precision)
+        chosen = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo", checkpoint_io=MmapCheckpointIO())
+    return L.Fabric(
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=chosen, precision=precision,
+        plugins=plugins or None,
+    )  # fmt: skip
 
 
 def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
@@ -86,11 +125,14 @@ def val_metrics(losses: dict[str, float]) -> dict[str, float]:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl`` in the run directory (rank 0 writes), plus Fabric's loggers."""
+    """Append-only ``metrics.jsonl`` in the run directory (rank 0 writes), plus Fabric's loggers.
+
+    Each step appears once across resumes: :func:`begin_run` cuts the rows an interrupted attempt
+    logged after the checkpoint the run continues from."""
 
     def __init__(self, fabric: L.Fabric, out_dir: Path) -> None:
         self.fabric = fabric
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path = Path(out_dir) / METRICS_FILE
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, "wall_time": time.time(), **metrics}
@@ -121,29 +163,6 @@ class PreemptionFlag:
         return bool(fabric.all_reduce(flag, reduce_op="sum").item() > 0)
 
 
-def tokenizer_fingerprint(tokenizer_dir: Path | None) -> str | None:
-    """sha256 over the tokenizer files, to refuse resuming with a different tokenizer."""
-    if tokenizer_dir is None:
-        return None
-    h = hashlib.sha256()
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
-    for name in names:
-        p = Path(tokenizer_dir) / name
-        if p.is_file():
-            h.update(name.encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def gather_objects(fabric: L.Fabric, obj: object) -> list:
-    """Every rank's ``obj``, in rank order."""
-    if fabric.world_size == 1:
-        return [obj]
-    out: list = [None] * fabric.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def run_config(local_vars: dict) -> dict:
     """The run config as plain data (saved with every checkpoint)."""
 
@@ -161,14 +180,8 @@ def run_config(local_vars: dict) -> dict:
     return {k: plain(v) for k, v in local_vars.items() if not k.startswith("_")}
 
 
-def rank_loader_state(fabric: L.Fabric, states: list[dict]) -> dict:
-    """This rank's saved loader state; with another world size, rank 0's (the loader then reshuffles)."""
-    if len(states) == fabric.world_size:
-        return states[fabric.global_rank]
-    return states[0]
-
-
 def check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str | None, path: Path) -> None:
+    """Refuse to resume a checkpoint written for another model, sequence length or tokenizer."""
     old = saved.get("model_config") or {}
     new = dataclasses.asdict(config)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "name")
@@ -179,7 +192,7 @@ def check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str
         raise MidtrainError(
             f"Checkpoint {path} used max_seq_length {saved['max_seq_length']}, this run {seq_len}; keep it equal."
         )
-    old_fp = saved.get("tokenizer_fingerprint")
+    old_fp = (saved.get("tokenizer") or {}).get("fingerprint")
     if old_fp and fingerprint and old_fp != fingerprint:
         raise MidtrainError(
             f"Checkpoint {path} was trained with another tokenizer (fingerprint {old_fp[:12]} vs "
@@ -187,17 +200,302 @@ def check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str
         )
 
 
-def load_weights(fabric: L.Fabric, model: GPT, directory: Path) -> None:
-    """Model weights only, from a litgpt checkpoint dir or one of ours."""
-    path = directory / "lit_model.pth"
+# ---- the resume policy -------------------------------------------------------------------------
+
+
+@dataclass
+class Start:
+    """Where one submission of a run starts. Built by :func:`resolve_start`."""
+
+    out_dir: Path
+    checkpoint: Path | None
+    """The checkpoint restored (model, optimizer, train state), or None: fresh optimizer at step 0."""
+    saved: dict | None
+    """Its ``train_state.json``."""
+    own: bool
+    """The checkpoint is ``out_dir``'s own: this submission continues the run (a requeue or a resubmission)."""
+    branch: dict
+    """Where the run in ``out_dir`` began: ``{"step", "checkpoint", "initial_weights"}``."""
+
+    @property
+    def step(self) -> int:
+        return int(self.saved["step"]) if self.saved else 0
+
+    def end_step(self, max_steps: int, max_additional_steps: int | None) -> int:
+        """``max_steps``, or ``max_additional_steps`` after the branch point if that is earlier."""
+        if max_additional_steps is None:
+            return max_steps
+        return min(max_steps, int(self.branch["step"]) + max_additional_steps)
+
+    def finished(self, end_step: int) -> bool:
+        """True when an earlier submission already trained to ``end_step`` and wrote its summary and ``final/``."""
+        summary = self.out_dir / SUMMARY_FILE
+        if not self.own or self.step < end_step or not summary.is_file():
+            return False
+        final_written = (self.out_dir / FINAL_DIR / MARKER_FILE).is_file()
+        return final_written and json.loads(summary.read_text()).get("step") == self.step
+
+
+def resolve_start(
+    fabric: L.Fabric, resume: bool | Literal["auto"] | Path | str | None, out_dir: Path, initial_weights: Path | None
+) -> Start:
+    """The one resume policy of ``pretrain`` and ``finetune`` (every rank resolves it alike).
+
+    * ``out_dir`` holds a complete checkpoint: continue from its newest, whatever ``resume`` names
+      (the same command resubmitted continues the same run); ``resume: false`` is refused rather
+      than training over those checkpoints.
+    * otherwise ``resume`` decides: ``auto``/``false`` start fresh, ``true`` is an error, a path
+      branches from that checkpoint (e.g. another run's: midtraining into a new ``out_dir``).
+
+    The branch point (the step and checkpoint the run began from) is kept in ``branch_point.json``
+    and in every checkpoint; ``train.max_additional_steps`` counts from it.
+    """
+    own = find_latest(out_dir)
+    if own is not None:
+        if resume is None or resume is False:
+            raise MidtrainError(
+                f"{out_dir} already holds checkpoints (newest {own.name}) and resume is false; use resume: auto "
+                "(the default) to continue that run, or another out_dir to start a new one."
+            )
+        named = Path(resume).expanduser().resolve() if resume not in ("auto", True) else None
+        if named is not None and named not in (own.resolve(), (own / MODEL_FILE).resolve()):
+            fabric.print(f"{out_dir} already has checkpoint {own.name}: continuing it, not starting from {resume}.")
+        saved = read_train_state(own)
+        branch = saved.get("branch_point") or _read_json(out_dir / BRANCH_FILE)
+        if branch is None:
+            fabric.print(f"note: {own} records no branch point; max_additional_steps counts from step 0.")
+            branch = {"step": 0, "checkpoint": None, "initial_weights": None}
+        return Start(out_dir, own, saved, True, branch)
+    checkpoint = resolve_resume(resume, out_dir)
+    saved = read_train_state(checkpoint) if checkpoint is not None else None
+    branch = {
+        "step": int(saved["step"]) if saved else 0,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "initial_weights": None if checkpoint is not None or initial_weights is None else str(initial_weights),
+    }
+    return Start(out_dir, checkpoint, saved, False, branch)
+
+
+def begin_run(fabric: L.Fabric, start: Start, end_step: int) -> bool:
+    """Prepare ``out_dir`` for this submission; False when there is nothing to train (and say so).
+
+    A new run records its branch point and starts an empty ``metrics.jsonl``; a continued run keeps
+    the metrics rows up to the step it resumes from (later ones were logged after that checkpoint
+    and are logged again), so each step appears once.
+    """
+    if start.finished(end_step):
+        fabric.print(
+            f"{start.out_dir} already finished at step {start.step} (this config ends at step {end_step}); "
+            "nothing to train. Raise train.max_steps or max_additional_steps to train further."
+        )
+        return False
+    if not start.own and start.step >= end_step:
+        raise MidtrainError(
+            f"{start.checkpoint} is at step {start.step}, and this run ends at step {end_step} "
+            "(train.max_steps / max_additional_steps): nothing to train."
+        )
+    if fabric.global_rank == 0:
+        start.out_dir.mkdir(parents=True, exist_ok=True)
+        if not start.own:
+            write_json(start.out_dir / BRANCH_FILE, start.branch)
+        dropped = truncate_metrics(
+            start.out_dir / METRICS_FILE, start.step if start.own else None, drop_final=start.step >= end_step
+        )
+        if dropped:
+            fabric.print(f"{METRICS_FILE}: removed {dropped} row(s) an earlier attempt logged after step {start.step}.")
+    fabric.barrier()
+    return True
+
+
+def truncate_metrics(path: Path, through_step: int | None, drop_final: bool = False) -> int:
+    """Keep the rows of ``path`` up to ``through_step`` (None: none), without its final-validation row if
+    ``drop_final``; return how many were removed."""
     if not path.is_file():
-        raise MidtrainError(f"initial_checkpoint_dir {directory} has no lit_model.pth.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state.get("model", state))
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if through_step is None or row.get("step", 0) > through_step:
+            continue
+        if drop_final and row.get("final") and row.get("step") == through_step:
+            continue
+        kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return len(lines) - len(kept)
+
+
+# ---- model, weights, checkpoints -----------------------------------------------------------------
+
+
+def build_model_and_optimizer(
+    fabric: L.Fabric,
+    config: Config,
+    seq_len: int,
+    optimizer_cfg: str | dict,
+    tie_embeddings: bool | None,
+    initialize: bool,
+    compile: bool = False,
+) -> tuple[Any, Any]:
+    """The model (built empty: on the meta device under FSDP) and its optimizer, both set up by Fabric.
+
+    ``initialize``: litgpt's pretraining init; otherwise the weights are undefined until a checkpoint is
+    loaded into the set-up model (:func:`load_initial_weights` or ``load_checkpoint``).
+    """
+    with fabric.init_module(empty_init=True):
+        model = GPT(config)
+    if initialize:
+        initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
+    if tie_embeddings:
+        model.transformer.wte.weight = model.lm_head.weight
+    model.max_seq_length = seq_len
+    fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, sequence length {seq_len}.")
+    if compile:
+        model = torch.compile(model)
+    model = fabric.setup(model)
+    optimizer = instantiate_torch_optimizer(optimizer_cfg, model.parameters(), fused=fabric.device.type == "cuda")
+    return model, fabric.setup_optimizers(optimizer)
+
+
+def check_weights_tokenizer(directory: Path, tokenizer_dir: Path | None) -> None:
+    """Refuse starting weights that one of our runs trained with another tokenizer than ``tokenizer_dir``."""
+    recorded = (_read_json(Path(directory) / TRAIN_STATE_FILE) or {}).get("tokenizer") or {}
+    if tokenizer_dir is None or recorded.get("fingerprint") is None:
+        return
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    if recorded["fingerprint"] != fingerprint:
+        raise MidtrainError(
+            f"{directory} was trained with tokenizer {recorded.get('directory')} (fingerprint "
+            f"{recorded['fingerprint'][:12]}), this run uses {tokenizer_dir} (fingerprint {fingerprint[:12]}); token "
+            "IDs would not mean the same thing. Use the tokenizer the weights were trained with."
+        )
+
+
+def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
+    """Model weights from a litgpt checkpoint dir (plain ``lit_model.pth``) or one of ours (``{"model": ...}``).
+
+    Call on every rank after ``fabric.setup``, as litgpt does: the strategy loads them (FSDP gathers and
+    re-shards; nothing is loaded into a meta model). The file is read with ``weights_only=True``.
+    """
+    directory = Path(directory)
+    path = directory / MODEL_FILE
+    if not path.is_file():
+        raise MidtrainError(f"{directory} has no {MODEL_FILE}; point it at a litgpt or midtrain checkpoint directory.")
+    wrapped = isinstance(read_weights_only(path).get("model"), dict)
+    try:
+        if wrapped:
+            fabric.load(path, {"model": model}, strict=True, weights_only=True)
+        else:
+            fabric.load_raw(path, model, strict=True, weights_only=True)
+    except (KeyError, RuntimeError) as err:
+        raise MidtrainError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from err
     fabric.print(f"Initial weights from {path}.")
+
+
+class TrainingRun:
+    """What pretrain and finetune do alike once model and data exist: checkpoints, validation, preemption, end."""
+
+    def __init__(
+        self,
+        fabric: L.Fabric,
+        start: Start,
+        model: Any,
+        optimizer: Any,
+        hparams: dict,
+        config: Config,
+        seq_len: int,
+        tokenizer_dir: Path | None,
+        keep_last: int | None,
+        val_loaders: dict[str, DataLoader],
+    ) -> None:
+        self.fabric, self.start, self.model, self.optimizer = fabric, start, model, optimizer
+        self.out_dir = start.out_dir
+        self.hparams, self.config, self.seq_len, self.keep_last = hparams, config, seq_len, keep_last
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer_dir) if self.tokenizer_dir is not None else None
+        self.val_loaders = val_loaders
+        self.metrics = MetricsLog(fabric, self.out_dir)
+        self.val_losses: dict[str, float] = {}
+
+    def restore(self) -> dict:
+        """Model and optimizer from the start checkpoint (after the compatibility checks); its train state."""
+        start = self.start
+        check_compatible(start.saved, self.config, self.seq_len, self.fingerprint, start.checkpoint)
+        load_checkpoint(self.fabric, start.checkpoint, {"model": self.model, "optimizer": self.optimizer})
+        self.fabric.print(f"Resumed from {start.checkpoint} at optimizer step {start.step}.")
+        return start.saved
+
+    def save(self, step: int, train_state: dict, reason: str) -> Path:
+        """Checkpoint ``out_dir/step-XXXXXXXX`` (all ranks), then keep only the newest ``keep_last``."""
+        state = {
+            **train_state,
+            "step": step,
+            "branch_point": self.start.branch,
+            "model_config": dataclasses.asdict(self.config),
+            "max_seq_length": self.seq_len,
+            "tokenizer": {"fingerprint": self.fingerprint, "directory": str(self.tokenizer_dir)},
+            "world_size": self.fabric.world_size,
+            "reason": reason,
+        }
+        path = save_checkpoint(
+            self.fabric, self.out_dir, step, {"model": self.model, "optimizer": self.optimizer}, state, self.hparams,
+            model_config=dataclasses.asdict(self.config), tokenizer_dir=self.tokenizer_dir,
+        )  # fmt: skip
+        self.fabric.print(f"Saved checkpoint {path} ({reason}).")
+        if self.fabric.global_rank == 0 and self.keep_last is not None:
+            for old in prune_checkpoints(self.out_dir, self.keep_last):
+                self.fabric.print(f"Removed {old.name} (train.keep_last_checkpoints={self.keep_last}).")
+        return path
+
+    def validate(self, step: int, **extra: Any) -> dict[str, float]:
+        """Every validation set's loss, logged at ``step``."""
+        losses = evaluate_sets(self.fabric, self.model, self.val_loaders)
+        self.val_losses.update(losses)
+        self.metrics.log(step, {**extra, **val_metrics(losses)})
+        self.fabric.print(f"validation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        return losses
+
+    def exit_if_preempted(self, flag: PreemptionFlag, step: int, save: Callable[[str], Path]) -> None:
+        """When any rank got the preemption signal: checkpoint via ``save`` and exit 75 so the job is requeued."""
+        if not flag.agreed(self.fabric):
+            return
+        save("preempted")
+        self.fabric.print(
+            f"Preemption signal: checkpoint written at step {step}; exiting with status {EXIT_PREEMPTED} "
+            "so the job is requeued."
+        )
+        self.fabric.barrier()
+        sys.exit(EXIT_PREEMPTED)
+
+    def finish(self, step: int, save: Callable[[str], Path], final_validation: bool, summary: dict) -> None:
+        """End of the run: the last checkpoint, the final validation, litgpt's ``final/``, ``summary.json``."""
+        last = save("end") if step > self.start.step else self.start.checkpoint
+        if final_validation and self.val_loaders:
+            self.validate(step, final=True)
+        final = save_final(
+            self.fabric, self.out_dir, self.model, self.hparams, dataclasses.asdict(self.config), self.tokenizer_dir
+        )
+        self.fabric.print(f"Wrote {final} (plain weights for litgpt generate / convert_from_litgpt / finetune).")
+        if self.fabric.global_rank == 0:
+            write_json(
+                self.out_dir / SUMMARY_FILE,
+                {"step": step, "final_checkpoint": str(last), "final": str(final), "branch_point": self.start.branch,
+                 **summary, "val": self.val_losses},
+            )  # fmt: skip
+        self.fabric.barrier()
 
 
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
