@@ -190,9 +190,10 @@ def even_subset(n: int, max_samples: int | None) -> list[int]:
     return [i * n // k for i in range(k)]
 
 
-def _shift_windows(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.stack(windows).long()
-    return x[:, :-1], x[:, 1:]
+def _shift_windows(windows: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ValWindows`` items (inputs, and labels that are -100 on a rank's padding window) as a batch."""
+    inputs = torch.stack([w["input_ids"] for w in windows]).long()
+    return inputs, torch.stack([w["labels"] for w in windows]).long()
 
 
 def _shift_sft(samples: list[dict], collate) -> tuple[torch.Tensor, torch.Tensor]:
