@@ -297,3 +297,14 @@ def test_submit_checks_the_signal(env, signal_arg, code, said):
     site.write_text(site.read_text().replace("PRETRAIN_SBATCH_ARGS=(--nodes=2)", request))
     out = bash("submit.sh", "pretrain", "--dry-run", str(TIMING[0]), env=env)
     assert out.returncode == code and said in out.stderr
+
+
+@pytest.mark.parametrize(("time_arg", "warned"), [("--time=00:02:00", True), ("-t 3", True), ("--time=1-00", False),
+                                                  ("--time=10:00", False)])
+def test_submit_warns_when_the_time_limit_barely_exceeds_the_signal_lead(env, time_arg, warned):
+    """--time=00:02:00 with USR1@120: signalled right at the start of every attempt, the run crawls."""
+    site = Path(env["MIDTRAIN_SITE"])
+    site.write_text(site.read_text().replace("PRETRAIN_SBATCH_ARGS=(--nodes=2)", f"PRETRAIN_SBATCH_ARGS=({time_arg})"))
+    out = bash("submit.sh", "pretrain", "--dry-run", str(TIMING[0]), env=env)
+    assert out.returncode == 0, out.stderr
+    assert ("requeued about" in out.stderr) == warned

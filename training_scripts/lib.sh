@@ -136,6 +136,20 @@ sbatch_option() {
     echo "$value"
 }
 
+# time_seconds TIME: an sbatch --time value (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds;
+# nothing for values it does not know (UNLIMITED, ...).
+time_seconds() {
+    local t="$1" d=0 h=0 m=0 s=0 parts
+    [[ "$t" =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$ ]] || return 0
+    if [[ "$t" == *-* ]]; then
+        d="${t%%-*}"; IFS=: read -r h m s <<< "${t#*-}"
+    else
+        IFS=: read -r -a parts <<< "$t"
+        case ${#parts[@]} in 1) m="${parts[0]}" ;; 2) m="${parts[0]}"; s="${parts[1]}" ;; *) h="${parts[0]}"; m="${parts[1]}"; s="${parts[2]}" ;; esac
+    fi
+    echo $(( 10#$d * 86400 + 10#${h:-0} * 3600 + 10#${m:-0} * 60 + 10#${s:-0} ))
+}
+
 # script_sbatch_lines KIND: the options of the '#SBATCH' lines of KIND.sbatch, one word per line.
 script_sbatch_lines() {
     sed -n 's/^#SBATCH[[:space:]]\{1,\}//p' "$MIDTRAIN_REPO/training_scripts/$1.sbatch" | tr ' ' '\n' | sed '/^$/d'
