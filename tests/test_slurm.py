@@ -296,3 +296,21 @@ def test_finetune_and_evaluate_jobs(cluster, array):
     assert len(keys) == 8 and len(set(keys)) == 8  # 2 checkpoints x 4 sets, each row once across attempts
     summary = json.loads((root / "out/tiny/sft/midtrain-code20/code/summary.json").read_text())
     assert summary["step"] == 10 and "main" in summary["val"]
+
+
+def test_rank_exiting_75_first_no_longer_fails_the_step(cluster):
+    """With --kill-on-bad-exit=1, rank 0 exiting 75 first got rank 1 killed: the step ended 143 (FAILED)."""
+    if CPUS < 2:
+        pytest.skip(f"needs 2 CPUs for a 2-task step; the node has {CPUS}")
+    done = cluster.root / "ranks"
+    done.mkdir()
+    late_rank = f'[ "$SLURM_PROCID" = 1 ] && sleep 3; touch {done}/rank-$SLURM_PROCID; exit 75'
+    srun = ["srun", "-n2", "--cpus-per-task=1", "--kill-on-bad-exit=1"]
+    bare = subprocess.run([*srun, "bash", "-c", late_rank], capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 75 and not (done / "rank-1").exists()  # the hazard: rank 1 killed mid-"save"
+    (done / "rank-0").unlink()
+    marker = cluster.root / "logs/.preempted-srun"
+    task = ["bash", str(SCRIPTS / "task.sh"), f"--repo={REPO}", f"--site={cluster.site('srun')}", f"--marker={marker}"]
+    wrapped = subprocess.run([*srun, *task, "--", "bash", "-c", late_rank], capture_output=True, text=True, timeout=120)
+    assert wrapped.returncode == 0, wrapped.stderr  # the step ends well as a whole; the marker asks for a requeue
+    assert marker.exists() and sorted(p.name for p in done.iterdir()) == ["rank-0", "rank-1"]

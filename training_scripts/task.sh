@@ -38,7 +38,7 @@ cd "$MIDTRAIN_ROOT"
 
 if (( PREEMPT_RECEIVED )); then  # signalled while setting up: nothing to save, requeue
     note "task ${SLURM_PROCID:-0}: SIG$PREEMPT_SIGNAL before the command started; not starting it"
-    touch "$marker"
+    mkdir -p "$(dirname "$marker")"; touch "$marker"
     exit 0
 fi
 child=""
@@ -55,7 +55,7 @@ killed_by_signal=$((128 + $(kill -l "$PREEMPT_SIGNAL")))
 if (( rc == EXIT_PREEMPTED )) || (( PREEMPT_RECEIVED && rc == killed_by_signal )); then
     (( rc == EXIT_PREEMPTED )) \
         || note "task ${SLURM_PROCID:-0}: SIG$PREEMPT_SIGNAL arrived before midtrain installed its handler; nothing to save"
-    touch "$marker"
+    mkdir -p "$(dirname "$marker")"; touch "$marker"
     exit 0
 fi
 exit "$rc"
