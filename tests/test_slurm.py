@@ -244,6 +244,7 @@ def test_single_process_preempted_before_and_during_training_resumes_exactly(clu
     task = f"{job}_0"
     # 1. as soon as its step runs: the process is still starting (imports, data, model) -> checkpoint or clean requeue
     wait_until("the job step", lambda: step_running(task), cluster, task)
+    time.sleep(1)  # past task.sh's first line (its trap); midtrain itself takes seconds to start
     preempt_and_requeue(cluster, task, restarts=1)
     # 2. in the middle of training
     wait_until("training after the requeue", lambda: reached_step(out, 8), cluster, task)
@@ -288,6 +289,7 @@ def test_finetune_and_evaluate_jobs(cluster, array):
                               overrides=("--checkpoints", checkpoints))
     task = f"{evaluate}_0"
     wait_until("the job step", lambda: step_running(task), cluster, task)
+    time.sleep(1)
     preempt_and_requeue(cluster, task, restarts=1)  # evaluate.sbatch asks for USR1: evaluate handles it
     assert_ok(cluster, task, restarts=1)
     assert_ok(cluster, f"{finetune}_0", restarts=0)

@@ -15,7 +15,7 @@ EXIT_PREEMPTED=75  # midtrain exits with this after a preemption checkpoint: req
 PREEMPT_SIGNAL=USR1  # what the #SBATCH --signal lines ask for and midtrain handles (preemption_signal)
 
 # A preemption signal from now on is remembered, not fatal (until run_task / task.sh start the command).
-PREEMPT_RECEIVED=0
+PREEMPT_RECEIVED="${PREEMPT_RECEIVED:-0}"
 trap 'PREEMPT_RECEIVED=1' "$PREEMPT_SIGNAL"
 
 die() { echo "midtrain-sbatch: error: $*" >&2; exit 2; }

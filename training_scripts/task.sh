@@ -12,6 +12,8 @@
 #   still writing its part of the checkpoint, and the batch script requeues the job when FILE exists.
 # * Forwards SIGUSR1 it receives to COMMAND (a batch shell forwarding a --signal=B:USR1 request).
 set -euo pipefail
+PREEMPT_RECEIVED=0
+trap 'PREEMPT_RECEIVED=1' USR1  # first thing: a signal while this task is still setting up is not fatal
 
 repo="" site="" marker=""
 while (( $# )); do
