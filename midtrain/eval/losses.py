@@ -190,10 +190,9 @@ def even_subset(n: int, max_samples: int | None) -> list[int]:
     return [i * n // k for i in range(k)]
 
 
-def _shift_windows(windows: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ValWindows`` items (inputs, and labels that are -100 on a rank's padding window) as a batch."""
-    inputs = torch.stack([w["input_ids"] for w in windows]).long()
-    return inputs, torch.stack([w["labels"] for w in windows]).long()
+def _stack_windows(windows: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of ``ValWindows`` items (a rank's padding windows have every target masked)."""
+    return torch.stack([w["input_ids"] for w in windows]).long(), torch.stack([w["labels"] for w in windows]).long()
 
 
 def _shift_sft(samples: list[dict], collate) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +204,7 @@ def token_loader(path: Path, seq_len: int, max_samples: int | None, batch_size: 
     """(inputs, targets) batches of fixed windows of a token shard, this rank's share."""
     load_shard("val", "val", path).check_block_size(seq_len + 1)
     windows = ValWindows(path, seq_len + 1, max_samples)
-    return DataLoader(windows, batch_size=batch_size, collate_fn=_shift_windows)
+    return DataLoader(windows, batch_size=batch_size, collate_fn=_stack_windows)
 
 
 def sft_loader(
