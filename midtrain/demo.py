@@ -109,7 +109,7 @@ def _pretrain_config(corpus: Path, out_dir: Path, mix: str, max_steps: int, resu
     return {
         "model_config": MODEL,
         "out_dir": str(out_dir),
-        "precision": "32-true",
+        "precision": "32-true", "compile": False,
         "accelerator": "cpu",
         "devices": 1,
         "tokenizer_dir": str(corpus / "tokenizer"),
@@ -130,7 +130,7 @@ def _finetune_config(corpus: Path, sft: dict, data_dir: Path, checkpoint: Path, 
     cfg = {
         "checkpoint_dir": str(checkpoint),
         "out_dir": str(job.dir),
-        "precision": "32-true",
+        "precision": "32-true", "compile": False,
         "accelerator": "cpu",
         "seed": job.seed,
         "data": {"class_path": "litgpt.data.JSON", "init_args": {

@@ -52,7 +52,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     sft.write_text(json.dumps(sft_records()))
     out = root / "run"
     cfg = {
-        "model_config": MODEL, "out_dir": str(out), "precision": "32-true", "accelerator": "cpu", "devices": 1,
+        "model_config": MODEL, "out_dir": str(out), "precision": "32-true",
+        "compile": False, "accelerator": "cpu", "devices": 1,
         "tokenizer_dir": str(tokenizer),
         "data": {"class_path": "midtrain.data.ShardedMixedDataset",
                  "init_args": {"data_path": str(root / "data"), "mix_weights_str": "main:0.5,code:0.5"}},

@@ -38,7 +38,7 @@ def config(corpus: Path, out: Path, workers: int = 0, **overrides) -> Path:
     cfg = {
         "model_config": MODEL,
         "out_dir": str(out),
-        "precision": "32-true",
+        "precision": "32-true", "compile": False,
         "accelerator": "cpu",
         "devices": 1,
         "data": {

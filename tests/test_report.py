@@ -22,7 +22,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def pretrain(root: Path, name: str, **data: object) -> Path:
     out = root / name
     cfg = {
-        "model_config": MODEL, "out_dir": str(out), "precision": "32-true", "accelerator": "cpu", "devices": 1,
+        "model_config": MODEL, "out_dir": str(out), "precision": "32-true",
+        "compile": False, "accelerator": "cpu", "devices": 1,
         "data": {"class_path": "midtrain.data.ShardedMixedDataset",
                  "init_args": {"data_path": str(root / "data"), "mix_weights_str": "main:0.8,code:0.2",
                                "val_data_path": {"main": str(root / "val" / "1"), "code": str(root / "val" / "c1")},

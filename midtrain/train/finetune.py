@@ -34,8 +34,8 @@ from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
 
-from midtrain.data.replay import Replay, spread
-from midtrain.data.sft import SFTOrder, StepBatches, scored_fraction, sft_rows, sft_val_loader, shifted_batch
+from midtrain.data.replay import Replay
+from midtrain.data.sft import IGNORE_INDEX, SFTOrder, StepBatches, scored_fraction, sft_val_loader, step_micro_batches
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
@@ -43,6 +43,7 @@ from midtrain.preflight import check_finetune
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
 from midtrain.train.loggers import build_logger
+from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import (
     PreemptionFlag,
     TrainingRun,
@@ -53,7 +54,6 @@ from midtrain.train.runtime import (
     load_initial_weights,
     resolve_start,
     run_config,
-    sequence_losses,
 )
 from midtrain.train.schedules import lr_at
 
@@ -79,6 +79,7 @@ def setup(
     tokenizer_dir: Path | None = None,
     logger_name: Literal["wandb", "tensorboard", "csv"] = "csv",
     seed: int = 42,
+    compile: bool = True,
     preemption_signal: str | None = "SIGUSR1",
 ) -> None:
     """Fine-tune all weights of a checkpoint on instruction data, optionally replaying pretraining shards.
@@ -106,6 +107,8 @@ def setup(
         tokenizer_dir: Tokenizer directory (default: ``checkpoint_dir``).
         logger_name: Extra logger besides ``metrics.jsonl``.
         seed: Seed for the SFT sample order.
+        compile: ``torch.compile`` the model (it recompiles once for SFT batches of varying length, then
+            treats the length as dynamic); false for quick CPU runs.
         preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
     """
     if data is None:
@@ -138,7 +141,7 @@ def setup(
     ]
     fabric.launch(
         main, config, base, tokenizer_dir, data, replay, replay_data, val_data_path or {}, Path(out_dir), train, epochs,
-        eval, optimizer, resume, seed, preemption_signal, hparams,
+        eval, optimizer, resume, seed, compile, preemption_signal, hparams,
     )  # fmt: skip
 
 
@@ -158,16 +161,16 @@ def main(
     optimizer_cfg: str | dict,
     resume: bool | Literal["auto"] | Path,
     seed: int,
+    compile: bool,
     preemption_signal: str | None,
     hparams: dict,
 ) -> None:
     preempt = PreemptionFlag(preemption_signal)
     world, rank = fabric.world_size, fabric.global_rank
-    accum = train.gradient_accumulation_iters(world)
+    train.gradient_accumulation_iters(world)  # global batch = micro-batch x processes x accumulation, or an error
     seq_len = train.max_seq_length or config.block_size
     n_replay = replay.sequences_per_step(train.global_batch_size, world)
     n_sft = train.global_batch_size - n_replay
-    replay_counts = spread(n_replay // world, accum)  # this process's replay sequences per micro-batch
     start = resolve_start(fabric, resume, out_dir, base)
     if start.checkpoint is not None and "sft" not in start.saved:
         raise MidtrainError(
@@ -225,7 +228,7 @@ def main(
     # ---- model and optimizer (fresh; weights from the base checkpoint unless resuming) ---------
     fabric.seed_everything(seed)
     model, optimizer = build_model_and_optimizer(
-        fabric, config, seq_len, optimizer_cfg, train.tie_embeddings, initialize=False
+        fabric, config, seq_len, optimizer_cfg, train.tie_embeddings, initialize=False, compile=compile
     )
     base_lr = optimizer.param_groups[0]["lr"]
     schedule = train.schedule()
@@ -265,12 +268,27 @@ def main(
     )
     fabric.print(
         f"Per step: {train.global_batch_size} sequences = {n_sft} SFT + {n_replay} replay "
-        f"(replay per micro-batch on each process: {replay_counts}); SFT train {len(train_set)} samples, "
+        f"(each process: micro-batches of up to {train.micro_batch_size} SFT rows padded to their longest, replay "
+        f"rows in micro-batches of their own); SFT train {len(train_set)} samples, "
         f"{train.max_steps} steps = {train.max_steps * n_sft / len(train_set):.2f} epochs; "
         f"validation sets: {', '.join(val_loaders) or 'none'}."
     )
 
+    # counters since the last flush into ``counts``/``replay_by_source`` (this process, host): scored SFT and
+    # replay tokens, replay sequences per source; the log window's (and last step's) loss sums stay on the device
+    pending = torch.zeros(2 + (len(replay_loader.sources) if replay_loader is not None else 0), dtype=torch.float64)
+
+    def add_pending(reduced: list[float]) -> None:
+        """Add every process's pending counters (``pending`` all-reduced) to the run's totals."""
+        counts["sft_tokens"] += int(reduced[0])
+        counts["replay_tokens"] += int(reduced[1])
+        for src, n in zip(replay_loader.sources if replay_loader is not None else [], reduced[2:]):
+            if n:
+                replay_by_source[src.id] = replay_by_source.get(src.id, 0) + int(n) * seq_len
+        pending.zero_()
+
     def save(reason: str) -> Path:
+        add_pending(fabric.all_reduce(pending.to(fabric.device), reduce_op="sum").tolist())
         train_state = {
             "sft": {"consumed": sft_consumed, "epoch": sft_consumed / len(train_set), "train_samples": len(train_set)},
             "replay": {
@@ -291,10 +309,13 @@ def main(
     # ---- the loop: one iteration = one optimizer step -----------------------------------------------
     sft_iter = iter(sft_loader)
     replay_iter = iter(replay_loader) if replay_loader is not None else None
-    # per part (sft, replay): loss sum, scored tokens, sequences; this step's (all processes) and the log window's
-    last = torch.zeros(2, 3, dtype=torch.float64, device=fabric.device)
-    window = torch.zeros_like(last)
-    n_sources = len(replay_loader.sources) if replay_loader is not None else 0
+    # per part (sft, replay), this process: loss sums on the device (the window's and the last step's), scored
+    # tokens and sequences on the host (the window's and the last step's); all reduced once per log step
+    window_loss = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+    last_loss = torch.zeros_like(window_loss)
+    window_rows = torch.zeros(2, 2, dtype=torch.float64)  # [part, (scored tokens, sequences)]
+    last_rows = torch.zeros_like(window_rows)
+    empty_steps = 0  # steps without a scored token on this process (a warning, not an error)
     prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
@@ -302,61 +323,64 @@ def main(
         lr = lr_at(step, train.max_steps, base_lr, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        replay_tokens = None
-        replay_src = torch.zeros(n_sources, dtype=torch.float64)  # replay sequences per source
+        replay_rows = None
         if replay_iter is not None:
             replay_batch = next(replay_iter)
-            replay_tokens = replay_batch["input_ids"]
-            replay_src.index_add_(0, replay_batch["source"], torch.ones(len(replay_tokens), dtype=torch.float64))
-        micro_batches = _micro_batches(next(sft_iter), replay_tokens, replay_counts, train.micro_batch_size)
-        scored = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro_batches)), device=fabric.device)
-        scored = fabric.all_reduce(scored, reduce_op="sum")
-        if scored == 0:
-            fabric.print(f"warning: step {step + 1} has no scored tokens (responses cut by max_seq_length?).")
-        last.zero_()
-        for i, batch in enumerate(micro_batches):
-            input_ids = batch["input_ids"].to(fabric.device)
-            labels = batch["labels"].to(fabric.device)
-            is_replay = batch["is_replay"].to(fabric.device)
-            with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                seq_loss, seq_count = sequence_losses(model(input_ids), labels)
-                # DDP/FSDP average gradients over processes, so scale by world size: d(sum of losses / scored)
-                fabric.backward(seq_loss.sum() * world / scored.clamp(min=1))
-            with torch.no_grad():
-                for part, rows in enumerate((~is_replay, is_replay)):
-                    last[part] += torch.stack(
-                        [seq_loss[rows].sum().double(), seq_count[rows].sum().double(), rows.sum().double()]
-                    )
+            replay_rows = replay_batch["input_ids"]
+            pending[2:].index_add_(0, replay_batch["source"], torch.ones(len(replay_rows), dtype=torch.float64))
+        micro_batches = step_micro_batches(next(sft_iter), replay_rows, train.micro_batch_size)
+        last_loss.zero_()
+        last_rows.zero_()
+        for is_replay, batch in micro_batches:
+            scored = int((batch["labels"] != IGNORE_INDEX).sum())
+            last_rows[int(is_replay)] += torch.tensor([scored, len(batch["labels"])], dtype=torch.float64)
+        # the loss is the mean over the step's scored tokens on all processes; DDP/FSDP average gradients over
+        # processes, so each one backpropagates world_size * (its sum of token losses) / (all scored tokens)
+        scale = _loss_scale(fabric, float(last_rows[:, 0].sum()))
+        empty_steps += int(last_rows[:, 0].sum() == 0)
+        for i, (is_replay, batch) in enumerate(micro_batches):
+            input_ids = batch["input_ids"].to(fabric.device, non_blocking=True)
+            labels = batch["labels"].to(fabric.device, non_blocking=True)
+            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                loss = micro_batch_loss(model(input_ids), labels)  # the one pass over the logits
+                fabric.backward(loss.total * scale)
+            last_loss[int(is_replay)] += loss.total.detach()
         if train.max_norm is not None:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         sft_consumed += n_sft
-        reduced = fabric.all_reduce(torch.cat([last.flatten(), replay_src.to(fabric.device)]), reduce_op="sum")
-        last = reduced[:6].view(2, 3)
-        window += last
-        counts["sft_tokens"] += int(last[0, 1])
-        counts["replay_tokens"] += int(last[1, 1])
-        for src, n in zip(replay_loader.sources if replay_loader is not None else [], reduced[6:].tolist()):
-            if n:
-                replay_by_source[src.id] = replay_by_source.get(src.id, 0) + int(n) * seq_len
+        window_loss += last_loss
+        window_rows += last_rows
+        pending[:2] += last_rows[:, 0]
 
         if step % train.log_interval == 0 or step == end_step:
-            (sft_loss, sft_tok, sft_seq), (rep_loss, rep_tok, rep_seq) = last.tolist()
-            now = time.perf_counter()
+            window_steps = step - window_start_step
+            host = torch.cat([window_rows.flatten(), last_rows.flatten(), pending, torch.tensor([empty_steps])])
+            reduced = run.reduce_log(
+                torch.cat([window_loss, last_loss, host.to(fabric.device)]), preempt, step,
+                (time.perf_counter() - t_window) / window_steps,
+            )  # fmt: skip
+            now = time.perf_counter()  # after the reduction's host read: the window's queued work has run
+            (w_sft_loss, w_rep_loss, sft_loss, rep_loss, w_sft_tok, w_sft_seq, w_rep_tok, w_rep_seq, sft_tok, sft_seq,
+             rep_tok, rep_seq), rest = reduced[:12], reduced[12:]  # fmt: skip
+            add_pending(rest[:-1])
+            if rest[-1]:
+                fabric.print(f"warning: {int(rest[-1])} process-step(s) up to step {step} had no scored tokens "
+                             "(responses cut by max_seq_length?).")  # fmt: skip
             metrics: dict[str, Any] = {
                 "loss": (sft_loss + rep_loss) / max(sft_tok + rep_tok, 1),
                 "lr": lr,
-                "replay_fraction": float(window[1, 2] / window[:, 2].sum()),
+                "replay_fraction": w_rep_seq / (w_sft_seq + w_rep_seq),
                 "replay_sequences": int(rep_seq),
                 "sft_sequences": int(sft_seq),
                 "epoch": sft_consumed / len(train_set),
                 "tokens/sft": counts["sft_tokens"],
                 "tokens/replay": counts["replay_tokens"],
-                "step_time": (now - t_window) / (step - window_start_step),
+                "step_time": (now - t_window) / window_steps,
             }
-            for name, (loss_sum, tokens, _) in zip(("sft", "replay"), window.tolist()):
+            for name, loss_sum, tokens in (("sft", w_sft_loss, w_sft_tok), ("replay", w_rep_loss, w_rep_tok)):
                 if tokens:
                     metrics[f"train/{name}/loss"] = loss_sum / tokens
             run.metrics.log(step, metrics)
@@ -364,7 +388,9 @@ def main(
                 f"step {step}/{end_step} | loss {metrics['loss']:.4f} | lr {lr:.3e} | epoch {metrics['epoch']:.2f} | "
                 f"replay {metrics['replay_sequences']}/{train.global_batch_size} | {metrics['step_time']:.2f} s/step"
             )
-            window.zero_()
+            window_loss.zero_()
+            window_rows.zero_()
+            empty_steps = 0
             t_window, window_start_step = now, step
 
         if val_loaders and eval.interval and step % eval.interval == 0 and step != end_step:
@@ -392,19 +418,14 @@ def main(
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _micro_batches(
-    sft_samples: list[dict], replay_tokens: torch.Tensor | None, replay_counts: list[int], micro_size: int
-) -> list[dict[str, torch.Tensor]]:
-    """This process's micro-batches of one step: SFT samples first, then its replay share (see replay.py)."""
-    replay_rows = [] if replay_tokens is None else [(t.long(), t.long()) for t in replay_tokens]
-    out, s, r = [], 0, 0
-    for n_replay in replay_counts:
-        n_sft = micro_size - n_replay
-        batch = shifted_batch(sft_rows(sft_samples[s : s + n_sft]) + replay_rows[r : r + n_replay])
-        batch["is_replay"] = torch.arange(micro_size) >= n_sft
-        out.append(batch)
-        s, r = s + n_sft, r + n_replay
-    return out
+def _loss_scale(fabric: L.Fabric, scored: float) -> float | torch.Tensor:
+    """``world_size / (scored tokens of the step on all processes)``; on several processes a device tensor from an
+    all-reduce the host does not wait for (0 scored tokens: scale 1, the loss is then 0 anyway)."""
+    if fabric.world_size == 1:
+        return 1.0 / max(scored, 1.0)
+    local = torch.tensor([scored], dtype=torch.float64, pin_memory=fabric.device.type == "cuda")
+    total = fabric.all_reduce(local.to(fabric.device, non_blocking=True), reduce_op="sum")
+    return fabric.world_size / total.clamp(min=1)
 
 
 def _check_scored(train_set: Any, val_set: Any, seq_len: int, val_samples: int | None, fabric: L.Fabric) -> None:

@@ -27,6 +27,7 @@ from midtrain.errors import MidtrainError
 from midtrain.preflight import check_pretrain
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.loggers import build_logger
+from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import (
     PreemptionFlag,
     TrainingRun,
@@ -37,7 +38,6 @@ from midtrain.train.runtime import (
     load_initial_weights,
     resolve_start,
     run_config,
-    sequence_losses,
     write_json,
 )
 from midtrain.train.schedules import lr_at
@@ -61,7 +61,7 @@ def setup(
     tokenizer_dir: Path | None = None,
     logger_name: Literal["wandb", "tensorboard", "csv"] = "csv",
     seed: int = 42,
-    compile: bool = False,
+    compile: bool = True,
     preemption_signal: str | None = "SIGUSR1",
 ) -> None:
     """Pretrain (or midtrain) a litgpt model on a weighted mixture of token shards.
@@ -87,7 +87,7 @@ def setup(
         tokenizer_dir: Tokenizer directory, copied into checkpoints and fingerprinted for resume checks.
         logger_name: Extra logger besides ``metrics.jsonl``.
         seed: Seed for model initialisation.
-        compile: ``torch.compile`` the model.
+        compile: ``torch.compile`` the model (as ``litgpt pretrain`` always does); false for quick CPU runs.
         preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
     """
     check_pretrain(
@@ -202,13 +202,15 @@ def main(
     step_tokens = torch.zeros(len(data.shards), dtype=torch.int64)  # this rank, since the last flush
     shard_index = {s.id: i for i, s in enumerate(data.shards)}
 
-    def flush_tokens() -> None:
-        """Add every rank's tokens since the last flush to ``tokens_by_source``."""
-        counts = fabric.all_reduce(step_tokens.to(fabric.device), reduce_op="sum").cpu()
+    def add_tokens(counts: list[float]) -> None:
+        """Add every rank's tokens since the last flush (``step_tokens`` all-reduced) to ``tokens_by_source``."""
         for sid, i in shard_index.items():
             if counts[i]:
                 tokens_by_source[sid] = tokens_by_source.get(sid, 0) + int(counts[i])
         step_tokens.zero_()
+
+    def flush_tokens() -> None:
+        add_tokens(fabric.all_reduce(step_tokens.to(fabric.device), reduce_op="sum").tolist())
 
     def save(reason: str) -> Path:
         flush_tokens()
@@ -233,7 +235,9 @@ def main(
 
     # ---- the loop: one iteration = one optimizer step -----------------------------------------
     train_iter = iter(loader)
-    sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)  # per type: loss, sequences
+    # on the device, read once per log interval: per type, the sum of sequence mean losses and the sequences
+    sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)
+    source_type, source_shard = _source_maps(loader, types, shard_index, fabric.device)
     prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
@@ -254,10 +258,9 @@ def main(
             )
             fabric.print(f"Stage {new_index} at step {step}: {new_stage.mixture.mode} {new_stage.mixture.description}")
             stage_index, stage = new_index, new_stage
+            source_type, source_shard = _source_maps(loader, types, shard_index, fabric.device)
             if fabric.global_rank == 0:
                 write_json(out_dir / "mixture_history.json", history)
-        source_type = torch.tensor([types.index(s.type) for s in loader.sources], device=fabric.device)
-        source_shard = torch.tensor([shard_index[s.id] for s in loader.sources])
 
         lr = lr_at(step, train.max_steps, base_lr, schedule)
         for group in optimizer.param_groups:
@@ -268,15 +271,13 @@ def main(
             tokens = batch["input_ids"].to(fabric.device, non_blocking=True).long()
             input_ids, targets = tokens[:, :-1], tokens[:, 1:]
             with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                logits = model(input_ids)
-                loss = chunked_cross_entropy(logits, targets)
-                fabric.backward(loss / accum)
+                loss = micro_batch_loss(model(input_ids), targets)  # the one pass over the logits
+                fabric.backward(loss.mean() / accum)
             with torch.no_grad():
-                seq_loss, _ = sequence_losses(logits.detach(), targets)
-                src = batch["source"].to(fabric.device)
-                sums[:, 0].index_add_(0, source_type[src], seq_loss.double() / targets.size(1))
-                sums[:, 1].index_add_(0, source_type[src], torch.ones_like(seq_loss, dtype=torch.float64))
-            step_loss += loss.detach() / accum
+                seq_type = source_type[batch["source"].to(fabric.device, non_blocking=True)]
+                sums[:, 0].index_add_(0, seq_type, loss.seq_sum.double() / targets.size(1))
+                sums[:, 1].index_add_(0, seq_type, torch.ones_like(loss.seq_sum, dtype=torch.float64))
+                step_loss += loss.mean().detach() / accum
             step_tokens.index_add_(0, source_shard[batch["source"]], torch.full_like(batch["source"], seq_len))
         if train.max_norm is not None:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
@@ -285,14 +286,17 @@ def main(
         step += 1
 
         if step % train.log_interval == 0 or step == end_step:
-            reduced = fabric.all_reduce(torch.cat([sums.flatten(), step_loss.double().view(1)]), reduce_op="sum")
-            flush_tokens()
-            per_type = reduced[:-1].view(len(types), 2)
-            now = time.perf_counter()
             window_steps = step - window_start_step
             window_tokens = window_steps * train.global_batch_size * seq_len
+            reduced = run.reduce_log(
+                torch.cat([sums.flatten(), step_loss.double().view(1), step_tokens.to(fabric.device).double()]),
+                preempt, step, (time.perf_counter() - t_window) / window_steps,
+            )  # fmt: skip
+            now = time.perf_counter()  # after the reduction's host read: the window's queued work has run
+            per_type, loss_sum = reduced[: 2 * len(types)], reduced[2 * len(types)]
+            add_tokens(reduced[2 * len(types) + 1 :])
             metrics: dict[str, Any] = {
-                "loss": float(reduced[-1]) / fabric.world_size,
+                "loss": loss_sum / fabric.world_size,
                 "lr": lr,
                 "tokens": sum(tokens_by_source.values()),
                 "step_time": (now - t_window) / window_steps,
@@ -302,9 +306,9 @@ def main(
             }
             if peak_flops:
                 metrics["mfu"] = flops_per_step / fabric.world_size * window_steps / (now - t_window) / peak_flops
-            for t, (loss_sum, n) in zip(types, per_type.tolist()):
+            for t, type_loss, n in zip(types, per_type[0::2], per_type[1::2]):
                 if n:
-                    metrics[f"train/{t}/loss"] = loss_sum / n
+                    metrics[f"train/{t}/loss"] = type_loss / n
             for t, count in _by_type(tokens_by_source, data).items():
                 metrics[f"tokens/{t}"] = count
             run.metrics.log(step, metrics)
@@ -353,6 +357,15 @@ def _by_type(tokens_by_source: dict[str, int], data: ShardedMixedDataset) -> dic
     for sid, n in tokens_by_source.items():
         out[type_of.get(sid, "unknown")] = out.get(type_of.get(sid, "unknown"), 0) + n
     return out
+
+
+def _source_maps(
+    loader: Any, types: list[str], shard_index: dict[str, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the loader's sources (a batch's ``source`` indexes them): their type index, on the device (per-type
+    loss sums stay there), and their shard index, on the host (token counts)."""
+    source_type = torch.tensor([types.index(s.type) for s in loader.sources], device=device)
+    return source_type, torch.tensor([shard_index[s.id] for s in loader.sources])
 
 
 def _compute_dtype(fabric: L.Fabric) -> torch.dtype:

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from litgpt.config import Config
@@ -42,10 +41,14 @@ from midtrain.train.checkpoints import (
     save_checkpoint,
     save_final,
 )
+from midtrain.train.loss import micro_batch_loss
 
 BRANCH_FILE = "branch_point.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+PREEMPTION_POLL_SECONDS = 10.0
+"""Several processes agree on the preemption flag at every log step (inside the metrics reduction) and, between
+log steps, with one small collective about this often (never every step: each one is a host-device sync)."""
 
 
 class MmapCheckpointIO(TorchCheckpointIO):
@@ -85,18 +88,9 @@ def build_fabric(
     )  # fmt: skip
 
 
-def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
-    """Per-sequence summed token loss and per-sequence count of scored tokens."""
-    per_token = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
-    ).view(targets.shape)
-    mask = targets != ignore_index
-    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
-
-
 @torch.no_grad()
 def evaluate_sets(fabric: L.Fabric, model: GPT, loaders: dict[str, DataLoader]) -> dict[str, float]:
-    """Token-weighted mean loss of each validation set, summed over all ranks."""
+    """Token-weighted mean loss of each validation set, summed over all ranks (one host read per set)."""
     model.eval()
     results = {}
     for name, loader in loaders.items():
@@ -106,14 +100,14 @@ def evaluate_sets(fabric: L.Fabric, model: GPT, loaders: dict[str, DataLoader]) 
                 input_ids, targets = batch["input_ids"], batch["labels"]
             else:
                 input_ids, targets = batch[:, :-1], batch[:, 1:]
-            input_ids = input_ids.to(fabric.device).long()
-            targets = targets.to(fabric.device).long()
-            loss_sum, count = sequence_losses(model(input_ids), targets)
-            total += torch.stack([loss_sum.sum().double(), count.sum().double()])
-        total = fabric.all_reduce(total, reduce_op="sum")
+            input_ids = input_ids.to(fabric.device, non_blocking=True).long()
+            targets = targets.to(fabric.device, non_blocking=True).long()
+            loss = micro_batch_loss(model(input_ids), targets)
+            total += torch.stack([loss.total.double(), loss.scored.double()])
+        total = fabric.all_reduce(total, reduce_op="sum").tolist()
         if total[1] == 0:
             raise MidtrainError(f"Validation set {name!r} produced no scored tokens.")
-        results[name] = float(total[0] / total[1])
+        results[name] = total[0] / total[1]
     model.train()
     return results
 
@@ -432,6 +426,7 @@ class TrainingRun:
         self.val_loaders = val_loaders
         self.metrics = MetricsLog(fabric, self.out_dir)
         self.val_losses: dict[str, float] = {}
+        self._preempt_step, self._preempt_agreed, self._preempt_every = start.step, False, 1
 
     def restore(self) -> dict:
         """Model and optimizer from the start checkpoint (after the compatibility checks); its train state."""
@@ -471,9 +466,38 @@ class TrainingRun:
         self.fabric.print(f"validation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         return losses
 
+    def reduce_log(self, values: torch.Tensor, flag: PreemptionFlag, step: int, seconds_per_step: float) -> list:
+        """``values`` summed over all ranks, read once: the log step's one collective and host read.
+
+        It also carries the preemption flag (so ranks agree on it at this step without another collective)
+        and the step time, which sets how many steps pass before the next agreement between log steps.
+        """
+        extra = torch.tensor([float(flag.requested), seconds_per_step], dtype=values.dtype)
+        reduced = self.fabric.all_reduce(torch.cat([values, extra.to(values.device)]), reduce_op="sum").tolist()
+        *out, requested, seconds = reduced
+        seconds /= self.fabric.world_size  # the mean over ranks: the same number on every rank
+        self._preempt_step, self._preempt_agreed = step, requested > 0
+        self._preempt_every = max(1, int(PREEMPTION_POLL_SECONDS / max(seconds, 1e-9)))
+        return out
+
+    def _preempted(self, flag: PreemptionFlag, step: int) -> bool:
+        """Whether any rank got the signal, as every rank sees it at this step boundary (the same on all)."""
+        if self.fabric.world_size == 1:
+            return flag.requested
+        if step == self._preempt_step:
+            return self._preempt_agreed
+        if step - self._preempt_step < self._preempt_every:
+            return False
+        self._preempt_step, self._preempt_agreed = step, flag.agreed(self.fabric)
+        return self._preempt_agreed
+
     def exit_if_preempted(self, flag: PreemptionFlag, step: int, save: Callable[[str], Path]) -> None:
-        """When any rank got the preemption signal: checkpoint via ``save`` and exit 75 so the job is requeued."""
-        if not flag.agreed(self.fabric):
+        """When any rank got the preemption signal: checkpoint via ``save`` and exit 75 so the job is requeued.
+
+        One process checks at every step; several agree at log steps (:meth:`reduce_log`) and about every
+        ``PREEMPTION_POLL_SECONDS`` in between, so the checkpoint is still written at a step boundary.
+        """
+        if not self._preempted(flag, step):
             return
         save("preempted")
         self.fabric.print(
