@@ -182,10 +182,13 @@ job_layout() {
     echo "${devices:-1} ${nodes:-1}"
 }
 
-# wait_child PID: wait for a background child through any trapped signals; its exit status.
+# wait_child PID: wait for a background child through any trapped signals; its exit status, or 255 when
+# bash lost it (wait gives -1 when the trap interrupted it just as the child ended).
 wait_child() {
+    local rc=0
     while kill -0 "$1" 2>/dev/null; do wait "$1" || true; done  # a trapped signal interrupts wait early
-    wait "$1"  # bash keeps the status of a reaped child
+    wait "$1" || rc=$?  # bash keeps the status of a reaped child
+    return $(( rc & 255 ))
 }
 
 # requeue_task: requeue exactly this array task (SLURM_JOB_ID of an array's last task is the array's ID).
