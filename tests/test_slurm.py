@@ -48,7 +48,9 @@ if PROBLEM is not None:
     pytest.skip(f"SLURM integration tests skipped: {PROBLEM}. Start a local cluster with "
                 "`bash ../shared/slurm/local-cluster.sh` (README, SLURM).", allow_module_level=True)
 
-GPUS = 2 if "gpu:2" in subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout else 0
+_NODE = subprocess.run(["sinfo", "-h", "-o", "%G %c"], capture_output=True, text=True).stdout.split()
+GPUS = 2 if "gpu:2" in _NODE[0] else 0  # local-cluster.sh's fake GPUs: --gpus-per-node as on a GPU node
+CPUS = int(_NODE[1].rstrip("+"))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -170,6 +172,16 @@ def assert_ok(cluster: Cluster, task: str, restarts: int) -> None:
     assert (s["JobState"], s["ExitCode"], int(s["Restarts"])) == ("COMPLETED", "0:0", restarts), cluster.log(task)
 
 
+def short_sft_set(root: Path) -> None:
+    """SFT examples short enough for the tiny model's 128-token context (the demo's, at this small scale, are not)."""
+    words = ["apple", "banana", "cherry", "plum", "seven", "three", "add", "sum", "list", "sort"]
+    records = [{"instruction": f"{words[i % 10]} {words[(3 * i) % 10]}", "input": "",
+                "output": " ".join(words[(i + k) % 10] for k in range(1 + i % 5))} for i in range(48)]
+    sft = root / "data/demo/sft"
+    (sft / "code_sft.json").write_text(json.dumps(records))
+    (sft / "code_sft_val.json").write_text(json.dumps(records[:8]))
+
+
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -187,6 +199,8 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def array(cluster):
     """An array over a glob of two tiny pretrain configs; task 1 preempted while task 0 runs on."""
+    if CPUS < 2:
+        pytest.skip(f"the SLURM tests need a node with 2 CPUs (two tasks at once); this one has {CPUS}")
     cfgs = cluster.root / "cfgs"
     cfgs.mkdir()
     shutil.copy(TINY / "pretrain.yaml", cfgs / "b-pretrain.yaml")
@@ -202,16 +216,6 @@ def array(cluster):
     for i in (0, 1):
         wait_done(cluster, f"{job}_{i}")
     return job
-
-
-def short_sft_set(root: Path) -> None:
-    """SFT examples short enough for the tiny model's 128-token context (the demo's, at this small scale, are not)."""
-    words = ["apple", "banana", "cherry", "plum", "seven", "three", "add", "sum", "list", "sort"]
-    records = [{"instruction": f"{words[i % 10]} {words[(3 * i) % 10]}", "input": "",
-                "output": " ".join(words[(i + k) % 10] for k in range(1 + i % 5))} for i in range(48)]
-    sft = root / "data/demo/sft"
-    (sft / "code_sft.json").write_text(json.dumps(records))
-    (sft / "code_sft_val.json").write_text(json.dumps(records[:8]))
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -240,6 +244,7 @@ def test_single_process_preempted_before_and_during_training_resumes_exactly(clu
     task = f"{job}_0"
     # 1. as soon as its step runs: the process is still starting (imports, data, model) -> checkpoint or clean requeue
     wait_until("the job step", lambda: step_running(task), cluster, task)
+    time.sleep(1)  # past task.sh's first line (its trap); midtrain itself takes seconds to start
     preempt_and_requeue(cluster, task, restarts=1)
     # 2. in the middle of training
     wait_until("training after the requeue", lambda: reached_step(out, 8), cluster, task)
@@ -284,6 +289,7 @@ def test_finetune_and_evaluate_jobs(cluster, array):
                               overrides=("--checkpoints", checkpoints))
     task = f"{evaluate}_0"
     wait_until("the job step", lambda: step_running(task), cluster, task)
+    time.sleep(1)
     preempt_and_requeue(cluster, task, restarts=1)  # evaluate.sbatch asks for USR1: evaluate handles it
     assert_ok(cluster, task, restarts=1)
     assert_ok(cluster, f"{finetune}_0", restarts=0)
@@ -292,3 +298,21 @@ def test_finetune_and_evaluate_jobs(cluster, array):
     assert len(keys) == 8 and len(set(keys)) == 8  # 2 checkpoints x 4 sets, each row once across attempts
     summary = json.loads((root / "out/tiny/sft/midtrain-code20/code/summary.json").read_text())
     assert summary["step"] == 10 and "main" in summary["val"]
+
+
+def test_rank_exiting_75_first_no_longer_fails_the_step(cluster):
+    """With --kill-on-bad-exit=1, rank 0 exiting 75 first got rank 1 killed: the step ended 143 (FAILED)."""
+    if CPUS < 2:
+        pytest.skip(f"needs 2 CPUs for a 2-task step; the node has {CPUS}")
+    done = cluster.root / "ranks"
+    done.mkdir()
+    late_rank = f'[ "$SLURM_PROCID" = 1 ] && sleep 3; touch {done}/rank-$SLURM_PROCID; exit 75'
+    srun = ["srun", "-n2", "--cpus-per-task=1", "--kill-on-bad-exit=1"]
+    bare = subprocess.run([*srun, "bash", "-c", late_rank], capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 75 and not (done / "rank-1").exists()  # the hazard: rank 1 killed mid-"save"
+    (done / "rank-0").unlink()
+    marker = cluster.root / "logs/.preempted-srun"
+    task = ["bash", str(SCRIPTS / "task.sh"), f"--repo={REPO}", f"--site={cluster.site('srun')}", f"--marker={marker}"]
+    wrapped = subprocess.run([*srun, *task, "--", "bash", "-c", late_rank], capture_output=True, text=True, timeout=120)
+    assert wrapped.returncode == 0, wrapped.stderr  # the step ends well as a whole; the marker asks for a requeue
+    assert marker.exists() and sorted(p.name for p in done.iterdir()) == ["rank-0", "rank-1"]

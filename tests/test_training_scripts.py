@@ -94,7 +94,9 @@ def test_midtraining_first_start_uses_its_start_checkpoint_then_resume_auto(env,
     cfg = str(TIMING[0])
     first = bash("pretrain.sbatch", "--dry-run", cfg, env=env)
     assert "--resume auto" not in first.stdout  # --resume auto would start from scratch (empty out_dir)
-    ckpt = tmp_path / "root/out/pythia-70m/ablations/timing/code20-from20k/step-00030000"
+    out_dir = next(line.split(":", 1)[1].strip() for line in TIMING[0].read_text().splitlines()
+                   if line.startswith("out_dir:"))
+    ckpt = tmp_path / "root" / out_dir / "step-00030000"
     ckpt.mkdir(parents=True)
     assert "--resume auto" not in bash("pretrain.sbatch", "--dry-run", cfg, env=env).stdout  # incomplete
     (ckpt / "COMPLETE").write_text("{}")
@@ -138,8 +140,8 @@ def test_submit_dry_run_uses_site_settings(env):
     out = bash("submit.sh", "pretrain", "--dry-run", "midtrain_configs/ablations/timing", env=env)
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
-    assert first.startswith("sbatch --partition=p --account=a --nodes=2 --array=0-3 ")
-    assert "--dry-run" not in first and out.stdout.count("[task") == 4
+    assert first.startswith(f"sbatch --partition=p --account=a --nodes=2 --array=0-{len(TIMING) - 1} ")
+    assert "--dry-run" not in first and out.stdout.count("[task") == len(TIMING)
 
 
 def test_missing_site_file_is_a_clear_error(env, tmp_path):
@@ -295,3 +297,14 @@ def test_submit_checks_the_signal(env, signal_arg, code, said):
     site.write_text(site.read_text().replace("PRETRAIN_SBATCH_ARGS=(--nodes=2)", request))
     out = bash("submit.sh", "pretrain", "--dry-run", str(TIMING[0]), env=env)
     assert out.returncode == code and said in out.stderr
+
+
+@pytest.mark.parametrize(("time_arg", "warned"), [("--time=00:02:00", True), ("-t 3", True), ("--time=1-00", False),
+                                                  ("--time=10:00", False)])
+def test_submit_warns_when_the_time_limit_barely_exceeds_the_signal_lead(env, time_arg, warned):
+    """--time=00:02:00 with USR1@120: signalled right at the start of every attempt, the run crawls."""
+    site = Path(env["MIDTRAIN_SITE"])
+    site.write_text(site.read_text().replace("PRETRAIN_SBATCH_ARGS=(--nodes=2)", f"PRETRAIN_SBATCH_ARGS=({time_arg})"))
+    out = bash("submit.sh", "pretrain", "--dry-run", str(TIMING[0]), env=env)
+    assert out.returncode == 0, out.stderr
+    assert ("requeued about" in out.stderr) == warned

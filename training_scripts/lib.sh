@@ -15,7 +15,7 @@ EXIT_PREEMPTED=75  # midtrain exits with this after a preemption checkpoint: req
 PREEMPT_SIGNAL=USR1  # what the #SBATCH --signal lines ask for and midtrain handles (preemption_signal)
 
 # A preemption signal from now on is remembered, not fatal (until run_task / task.sh start the command).
-PREEMPT_RECEIVED=0
+PREEMPT_RECEIVED="${PREEMPT_RECEIVED:-0}"
 trap 'PREEMPT_RECEIVED=1' "$PREEMPT_SIGNAL"
 
 die() { echo "midtrain-sbatch: error: $*" >&2; exit 2; }
@@ -134,6 +134,20 @@ sbatch_option() {
         prev="$arg"
     done
     echo "$value"
+}
+
+# time_seconds TIME: an sbatch --time value (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds;
+# nothing for values it does not know (UNLIMITED, ...).
+time_seconds() {
+    local t="$1" d=0 h=0 m=0 s=0 parts
+    [[ "$t" =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$ ]] || return 0
+    if [[ "$t" == *-* ]]; then
+        d="${t%%-*}"; IFS=: read -r h m s <<< "${t#*-}"
+    else
+        IFS=: read -r -a parts <<< "$t"
+        case ${#parts[@]} in 1) m="${parts[0]}" ;; 2) m="${parts[0]}"; s="${parts[1]}" ;; *) h="${parts[0]}"; m="${parts[1]}"; s="${parts[2]}" ;; esac
+    fi
+    echo $(( 10#$d * 86400 + 10#${h:-0} * 3600 + 10#${m:-0} * 60 + 10#${s:-0} ))
 }
 
 # script_sbatch_lines KIND: the options of the '#SBATCH' lines of KIND.sbatch, one word per line.

@@ -40,6 +40,15 @@ sig_name="${signal#*:}"; sig_name="${sig_name%@*}"; sig_name="${sig_name#SIG}"
 [[ -z "$signal" || "$sig_name" == "$PREEMPT_SIGNAL" || "$sig_name" == "$(kill -l "$PREEMPT_SIGNAL")" ]] \
     || die "--signal=$signal: the scripts and midtrain handle SIG$PREEMPT_SIGNAL; use --signal=${signal%%:*}:$PREEMPT_SIGNAL@SECONDS or --signal=$PREEMPT_SIGNAL@SECONDS"
 
+# A time limit hardly longer than the signal's lead: every attempt is signalled soon after it starts.
+limit="$(time_seconds "$(sbatch_option "time|t" "${opts[@]+"${opts[@]}"}")")"
+lead=60  # sbatch's default lead when --signal has no @
+[[ "$signal" == *@* ]] && lead="${signal##*@}"
+if [[ -n "$signal" && -n "$limit" && "$lead" =~ ^[0-9]+$ ]] && (( limit <= 2 * lead )); then
+    note "warning: --time gives $limit s and --signal=$signal comes $lead s before the end: every attempt is" \
+         "checkpointed and requeued about $(( limit - lead )) s after it starts; raise --time or lower the @ lead"
+fi
+
 kind_args_name="$(echo "$kind" | tr '[:lower:]' '[:upper:]')_SBATCH_ARGS[@]"
 script_args=(--repo="$MIDTRAIN_REPO" --site="$MIDTRAIN_SITE")
 if [[ "$DRY_RUN" == 1 ]]; then

@@ -12,6 +12,8 @@
 #   still writing its part of the checkpoint, and the batch script requeues the job when FILE exists.
 # * Forwards SIGUSR1 it receives to COMMAND (a batch shell forwarding a --signal=B:USR1 request).
 set -euo pipefail
+PREEMPT_RECEIVED=0
+trap 'PREEMPT_RECEIVED=1' USR1  # first thing: a signal while this task is still setting up is not fatal
 
 repo="" site="" marker=""
 while (( $# )); do
@@ -38,7 +40,7 @@ cd "$MIDTRAIN_ROOT"
 
 if (( PREEMPT_RECEIVED )); then  # signalled while setting up: nothing to save, requeue
     note "task ${SLURM_PROCID:-0}: SIG$PREEMPT_SIGNAL before the command started; not starting it"
-    touch "$marker"
+    mkdir -p "$(dirname "$marker")"; touch "$marker"
     exit 0
 fi
 child=""
@@ -55,7 +57,7 @@ killed_by_signal=$((128 + $(kill -l "$PREEMPT_SIGNAL")))
 if (( rc == EXIT_PREEMPTED )) || (( PREEMPT_RECEIVED && rc == killed_by_signal )); then
     (( rc == EXIT_PREEMPTED )) \
         || note "task ${SLURM_PROCID:-0}: SIG$PREEMPT_SIGNAL arrived before midtrain installed its handler; nothing to save"
-    touch "$marker"
+    mkdir -p "$(dirname "$marker")"; touch "$marker"
     exit 0
 fi
 exit "$rc"
