@@ -1,14 +1,14 @@
-"""Tokens/s of midtrain's mixed loader vs plain litdata loaders on the same shards, interleaved in one run.
+"""Tokens/s of midtrain's training loader vs plain litdata iteration over the same tokens, interleaved rounds.
 
-    python benchmarks/loader.py [--tokens 16000000] [--workers 2] [--rounds 3]
+    python benchmarks/loader.py [--tokens 16000000] [--workers 2] [--rounds 3] [--sources 4 16] [--combined]
 
 Columns:
-  plain     litdata StreamingDataLoader over one StreamingDataset holding all the tokens
-  combined  litdata CombinedStreamingDataset (weights) over the typed shards
-  midtrain  ShardedMixedDataset (MixedLoader) over the same typed shards
-Each round runs the three loaders back to back (order rotated), so a noisy machine affects all
-alike; the table reports the median over rounds and the ratio to ``plain``. The last table is the
-realised share per source of the midtrain loader against its resolved weights.
+  plain     litdata StreamingDataLoader over one shuffled StreamingDataset holding all the tokens
+  combined  (--combined) litdata CombinedStreamingDataset with the weights, over the per-source shards
+  midtrain  ShardedMixedDataset's loader (the data order, read by index) over the per-source shards
+Same block, micro-batch and workers for all. Each round runs the loaders back to back (order rotated),
+so a noisy machine affects all alike; the table reports the median over rounds and the ratio to
+``plain``. Then the realised share per source of the midtrain loader against its weights.
 """
 
 from __future__ import annotations
@@ -25,44 +25,54 @@ from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingData
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.data.synthetic import write_shard
 
-WEIGHTS = {"main/1": 0.4, "main/2": 0.3, "c1": 0.2, "m1": 0.1}
-DIRS = {"main/1": "1", "main/2": "2", "c1": "c1", "m1": "m1"}
+
+def weights_for(n: int) -> dict[str, float]:
+    """Skewed weights over main shards ``1..n`` (each half the previous, floored at 1/4n), normalised."""
+    raw = [max(0.5**i, 1 / (4 * n)) for i in range(n)]
+    return {f"main/{i + 1}": w / sum(raw) for i, w in enumerate(raw)}
 
 
-def build(root: Path, tokens: int) -> None:
-    for i, name in enumerate(DIRS.values()):
-        write_shard(root / "mix" / name, tokens // len(DIRS), seed=i, vocab_size=50_000, chunk_tokens=1 << 21)
-    write_shard(root / "plain", tokens, seed=99, vocab_size=50_000, chunk_tokens=1 << 21)
+def build(root: Path, tokens: int, n: int) -> None:
+    for i in range(n):
+        write_shard(root / f"mix{n}" / str(i + 1), tokens // n, seed=i, vocab_size=50_000, chunk_tokens=1 << 21)
+    if not (root / "plain").exists():
+        write_shard(root / "plain", tokens, seed=99, vocab_size=50_000, chunk_tokens=1 << 21)
 
 
-def timed(loader, batches: int, batch_size: int, block: int, on_batch=None) -> float:
-    """Steady-state tokens/s over ``batches`` batches after the first (which pays for worker start-up)."""
+def timed(loader, batches: int, batch_size: int, block: int, workers: int, on_batch=None) -> float:
+    """Steady-state tokens/s over ``batches`` batches after two from every worker (which pay for start-up);
+    NaN when the loader ends first (litdata's combined stream stops when a small source runs out)."""
     it = iter(loader)
-    next(it)
+    for _ in range(2 * max(1, workers)):
+        next(it)
     start = time.perf_counter()
     for _ in range(batches):
-        batch = next(it)
+        batch = next(it, None)
+        if batch is None:
+            return float("nan")
         if on_batch is not None:
             on_batch(batch)
     return batches * batch_size * block / (time.perf_counter() - start)
 
 
-def plain_loader(root: Path, block: int, batch_size: int, workers: int):
+def plain_loader(root: Path, n: int, block: int, batch_size: int, workers: int):
     ds = StreamingDataset(str(root / "plain"), item_loader=TokensLoader(block_size=block), shuffle=True)
     return StreamingDataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=True)
 
 
-def combined_loader(root: Path, block: int, batch_size: int, workers: int):
+def combined_loader(root: Path, n: int, block: int, batch_size: int, workers: int):
+    weights = weights_for(n)
     datasets = [
-        StreamingDataset(str(root / "mix" / name), item_loader=TokensLoader(block_size=block), shuffle=True)
-        for name in DIRS.values()
+        StreamingDataset(str(root / f"mix{n}" / sid.split("/")[1]), item_loader=TokensLoader(block_size=block),
+                         shuffle=True)
+        for sid in weights
     ]
-    combined = CombinedStreamingDataset(datasets, weights=list(WEIGHTS.values()), iterate_over_all=False)
+    combined = CombinedStreamingDataset(datasets, weights=list(weights.values()), iterate_over_all=False)
     return StreamingDataLoader(combined, batch_size=batch_size, num_workers=workers, drop_last=True)
 
 
-def midtrain_loader(root: Path, block: int, batch_size: int, workers: int):
-    dm = ShardedMixedDataset(data_path=root / "mix", literal_weights_str=dict(WEIGHTS), num_workers=workers)
+def midtrain_loader(root: Path, n: int, block: int, batch_size: int, workers: int):
+    dm = ShardedMixedDataset(data_path=root / f"mix{n}", literal_weights_str=weights_for(n), num_workers=workers)
     dm.connect(batch_size=batch_size, max_seq_length=block - 1, with_source=True)
     return dm.train_dataloader()
 
@@ -72,39 +82,42 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16_000_000)
     parser.add_argument("--block", type=int, default=2049)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=150)
+    parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sources", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--combined", action="store_true", help="also time litdata's CombinedStreamingDataset")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        build(root, args.tokens)
-        makers = {"plain": plain_loader, "combined": combined_loader, "midtrain": midtrain_loader}
-        results: dict[str, list[float]] = {name: [] for name in makers}
-        shares: Counter = Counter()
-        for r in range(args.rounds):
-            order = list(makers)[r % 3 :] + list(makers)[: r % 3]
-            for name in order:
-                loader = makers[name](root, args.block, args.batch_size, args.workers)
-                count = None
-                if name == "midtrain":
-                    count = lambda b, ld=loader: shares.update(ld.sources[i].id for i in b["source"].tolist())  # noqa: E731
-                results[name].append(timed(loader, args.batches, args.batch_size, args.block, count))
+        for n in args.sources:
+            build(root, args.tokens, n)
+            makers = {"plain": plain_loader, "midtrain": midtrain_loader}
+            if args.combined:
+                makers["combined"] = combined_loader
+            results: dict[str, list[float]] = {name: [] for name in makers}
+            shares: Counter = Counter()
+            for r in range(args.rounds):
+                order = list(makers)[r % len(makers):] + list(makers)[: r % len(makers)]
+                for name in order:
+                    loader = makers[name](root, n, args.block, args.batch_size, args.workers)
+                    count = None
+                    if name == "midtrain":
+                        count = lambda b, ld=loader, c=shares: c.update(ld.sources[i].id for i in b["source"].tolist())  # noqa: E731
+                    results[name].append(timed(loader, args.batches, args.batch_size, args.block, args.workers, count))
 
-        base = statistics.median(results["plain"])
-        print(f"\n{args.tokens:,} tokens, block {args.block}, batch {args.batch_size}, workers {args.workers}, "
-              f"{args.batches} batches x {args.rounds} rounds (median)")
-        print(f"{'loader':<10} {'tokens/s':>14} {'vs plain':>9}   rounds")
-        for name, values in results.items():
-            med = statistics.median(values)
-            runs = ", ".join(f"{v:,.0f}" for v in values)
-            print(f"{name:<10} {med:>14,.0f} {med / base:>8.2f}x   {runs}")
-        total = sum(shares.values())
-        print(f"\nrealised share per source (midtrain, {total:,} samples)")
-        print(f"{'source':<8} {'target':>7} {'realised':>9}")
-        for sid, w in WEIGHTS.items():
-            print(f"{sid:<8} {w:>7.3f} {shares[sid] / total:>9.3f}")
+            base = statistics.median(results["plain"])
+            print(f"\n{n} sources, {args.tokens:,} tokens, block {args.block}, batch {args.batch_size}, "
+                  f"workers {args.workers}, {args.batches} batches x {args.rounds} rounds (median)")
+            print(f"{'loader':<10} {'tokens/s':>14} {'vs plain':>9}   rounds")
+            for name, values in results.items():
+                med = statistics.median(values)
+                runs = ", ".join(f"{v:,.0f}" for v in values)
+                print(f"{name:<10} {med:>14,.0f} {med / base:>8.2f}x   {runs}")
+            total = sum(shares.values())
+            print(f"realised share per source (midtrain, {total:,} samples): "
+                  + ", ".join(f"{sid} {w:.3f}/{shares[sid] / total:.3f}" for sid, w in weights_for(n).items()))
 
 
 if __name__ == "__main__":

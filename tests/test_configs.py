@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "midtrain_configs"
 ALL_YAML = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 FINETUNE = [p for p in ALL_YAML if p.startswith("finetune/") or Path(p).name.startswith("finetune-")]
-RUNS = [p for p in ALL_YAML if p not in FINETUNE]  # everything the pretrain schema parses
+EVALUATE = [p for p in ALL_YAML if Path(p).name.startswith("evaluate")]  # midtrain evaluate's schema
+RUNS = [p for p in ALL_YAML if p not in FINETUNE + EVALUATE]  # everything the pretrain schema parses
 NAME = re.compile(r"(?P<type>code|math|instruct|qa|web)(?P<pct>\d+)-from(?P<k>\d+)k")
 ABLATIONS = {
     "timing": {f"code20-from{k}k" for k in (20, 30, 40, 50)},
@@ -109,7 +110,7 @@ def test_config_resolves_through_cli(rel: str, root: Path, capsys):
 def test_out_dirs_are_unique():
     seen: dict[str, str] = {}
     for rel in ALL_YAML:
-        out = load(rel)["out_dir"]
+        out = load(rel).get("out_dir") or load(rel)["out"]
         assert out not in seen, f"{rel} and {seen[out]} share out_dir {out}"
         seen[out] = rel
 
@@ -187,3 +188,13 @@ def test_finetune_configs_parse_with_the_finetune_cli(rel: str):
     cfg = _parser(finetune.setup, "midtrain finetune").parse_args(["--config", str(CONFIGS / rel)])
     assert str(cfg.checkpoint_dir).endswith(load(rel)["checkpoint_dir"])
     assert "c4" in (cfg.val_data_path or {}) or "main" in (cfg.val_data_path or {})
+
+
+@pytest.mark.parametrize("rel", EVALUATE)
+def test_evaluate_configs_parse_with_the_evaluate_cli(rel: str):
+    """Parse only; tests/test_slurm.py runs tiny/evaluate.yaml on real checkpoints."""
+    from midtrain.cli import _parser
+    from midtrain.eval.losses import evaluate
+
+    cfg = _parser(evaluate, "midtrain evaluate").parse_args(["--config", str(CONFIGS / rel)])
+    assert cfg.checkpoints and cfg.val and str(cfg.out) == load(rel)["out"]

@@ -98,7 +98,7 @@ def test_rows_for_two_checkpoints_and_two_sets(world, tmp_path):
     assert float(rows[0]["loss"]) != float(rows[2]["loss"])  # the checkpoints differ
 
     # the token-set row, computed directly from the checkpoint and the same 20 windows
-    windows = ValWindows(world["tok"], SEQ + 1, 20)
+    windows = ValWindows(world["tok"], SEQ + 1, 20, masked=False)
     x = torch.stack([windows[i] for i in range(len(windows))]).long()
     with torch.no_grad():
         logits = load(world["run"] / "step-00000004")(x[:, :-1])

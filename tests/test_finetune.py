@@ -139,8 +139,9 @@ def val_loss(weights: Path, shard: Path, max_samples: int) -> float:
     model.load_state_dict(torch.load(weights / "lit_model.pth", weights_only=True)["model"])
     total, count = 0.0, 0
     with torch.no_grad():
-        for window in ValWindows(shard, SEQ + 1, max_samples):
-            window = window.long()
+        windows = ValWindows(shard, SEQ + 1, max_samples, masked=False)
+        for i in range(len(windows)):
+            window = windows[i].long()
             total += F.cross_entropy(model(window[None, :-1])[0], window[1:], reduction="sum").item()
             count += SEQ
     return total / count
@@ -337,6 +338,8 @@ def test_shards_prepared_with_another_tokenizer_are_refused(world, tmp_path):
               "replay.data.val_data_path": None}
     with pytest.raises(MidtrainError, match=f"Tokenizer mismatch: shard {data / '1'} was prepared with tokenizer"):
         finetune(finetune_config(world, tmp_path / "ft", tokenizer_dir=str(other), **replay))
+    with pytest.raises(MidtrainError, match=r"was trained with tokenizer .*, this run uses .*other_tok"):
+        finetune(finetune_config(world, tmp_path / "ft", ratio=None, tokenizer_dir=str(other)))
     pre = {"model_config": MODEL, "out_dir": str(tmp_path / "pre"), "precision": "32-true", "accelerator": "cpu",
            "devices": 1, "tokenizer_dir": str(other),
            "data": {"class_path": "midtrain.data.ShardedMixedDataset",

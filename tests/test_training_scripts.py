@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +61,12 @@ def test_dry_run_array_over_three_configs(env, tmp_path):
     lst = tmp_path / "three.txt"
     paths = [str(p.relative_to(REPO)) for p in (REPO / "midtrain_configs/pretrain").glob("pythia-*.yaml")][:3]
     lst.write_text("# three pretraining runs\n" + "\n".join(paths) + "\n")
-    out = bash("pretrain.sbatch", "--dry-run", str(lst), env=env, SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4")
+    # devices and nodes come from the sbatch request (site file), never from the submitting shell's SLURM_*
+    site = Path(env["MIDTRAIN_SITE"])
+    request = "PRETRAIN_SBATCH_ARGS=(-N 2 --gpus-per-node=a100:4)"
+    site.write_text(site.read_text().replace("PRETRAIN_SBATCH_ARGS=(--nodes=2)", request))
+    out = bash("pretrain.sbatch", "--dry-run", str(lst), env=env, SLURM_NNODES="7", SLURM_GPUS_ON_NODE="3",
+               SLURM_JOB_ID="99")
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("[task")]
     assert len(lines) == 3
@@ -87,7 +94,9 @@ def test_midtraining_first_start_uses_its_start_checkpoint_then_resume_auto(env,
     cfg = str(TIMING[0])
     first = bash("pretrain.sbatch", "--dry-run", cfg, env=env)
     assert "--resume auto" not in first.stdout  # --resume auto would start from scratch (empty out_dir)
-    ckpt = tmp_path / "root/out/pythia-70m/ablations/timing/code20-from20k/step-00030000"
+    out_dir = next(line.split(":", 1)[1].strip() for line in TIMING[0].read_text().splitlines()
+                   if line.startswith("out_dir:"))
+    ckpt = tmp_path / "root" / out_dir / "step-00030000"
     ckpt.mkdir(parents=True)
     assert "--resume auto" not in bash("pretrain.sbatch", "--dry-run", cfg, env=env).stdout  # incomplete
     (ckpt / "COMPLETE").write_text("{}")
@@ -96,11 +105,15 @@ def test_midtraining_first_start_uses_its_start_checkpoint_then_resume_auto(env,
 
 def test_exit_75_requeues(env, tmp_path):
     cfg = str(REPO / "midtrain_configs/pretrain/pythia-70m.yaml")
-    out = bash("pretrain.sbatch", cfg, env=env, STUB_EXIT="75", SLURM_JOB_ID="4242", SLURM_ARRAY_TASK_ID="0")
+    other = str(REPO / "midtrain_configs/pretrain/pythia-160m.yaml")
+    out = bash("pretrain.sbatch", cfg, other, env=env, STUB_EXIT="75", SLURM_JOB_ID="4243", SLURM_ARRAY_JOB_ID="4242",
+               SLURM_ARRAY_TASK_ID="1")
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    # exactly this array task: the array's job ID alone would requeue every task of the array
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242_1"]
     ran = (tmp_path / "midtrain.log").read_text()
-    assert ran.startswith(f"pretrain --config {cfg} --devices 1 --num_nodes 1 --resume auto")
+    assert ran.startswith(f"pretrain --config {other} --devices 1 --num_nodes 1 --resume auto")
+    assert not list((tmp_path / "logs").glob(".preempted-*"))  # the marker is consumed
 
 
 def test_other_failures_do_not_requeue(env, tmp_path):
@@ -127,8 +140,8 @@ def test_submit_dry_run_uses_site_settings(env):
     out = bash("submit.sh", "pretrain", "--dry-run", "midtrain_configs/ablations/timing", env=env)
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
-    assert first.startswith("sbatch --partition=p --account=a --nodes=2 --array=0-3 ")
-    assert "--dry-run" not in first and out.stdout.count("[task") == 4
+    assert first.startswith(f"sbatch --partition=p --account=a --nodes=2 --array=0-{len(TIMING) - 1} ")
+    assert "--dry-run" not in first and out.stdout.count("[task") == len(TIMING)
 
 
 def test_missing_site_file_is_a_clear_error(env, tmp_path):
@@ -180,3 +193,118 @@ def test_collect_runs(tmp_path):
     empty = subprocess.run([sys.executable, cmd[1], str(tmp_path / "runs.md").rsplit("/", 1)[0] + "/out/pythia-70m/x"],
                            capture_output=True, text=True)
     assert empty.returncode != 0
+
+
+def task(env: dict, tmp_path: Path, *command: str) -> tuple[subprocess.CompletedProcess, Path]:
+    marker = tmp_path / "logs/.preempted-1"
+    marker.parent.mkdir(exist_ok=True)
+    cmd = ["bash", str(SCRIPTS / "task.sh"), f"--repo={REPO}", f"--site={env['MIDTRAIN_SITE']}", f"--marker={marker}",
+           "--", *command]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, start_new_session=True)
+    return out, marker
+
+
+def test_task_turns_preemption_into_a_clean_end_of_the_step(env, tmp_path):
+    """srun --kill-on-bad-exit kills sibling ranks when one exits non-zero: a preempted task exits 0 + marker."""
+    out, marker = task(env, tmp_path, "bash", "-c", "exit 75")
+    assert out.returncode == 0 and marker.exists()
+    marker.unlink()
+    out, marker = task(env, tmp_path, "bash", "-c", "exit 3")
+    assert out.returncode == 3 and not marker.exists()
+    # SIGUSR1 to the whole task before midtrain installed its handler: nothing to save, clean requeue
+    out, marker = task(env, tmp_path, "bash", "-c", "kill -USR1 0; sleep 5")
+    assert out.returncode == 0 and marker.exists() and "before midtrain installed its handler" in out.stderr
+
+
+def test_task_sets_the_environment_up_itself(env, tmp_path):
+    """--export=NONE: the task sees none of the batch shell's environment; site_activate runs inside it."""
+    site = Path(env["MIDTRAIN_SITE"])
+    site.write_text(site.read_text().replace("site_activate() { :; }",
+                                             f'site_activate() {{ export PATH="{tmp_path}/bin:$PATH"; }}'))
+    bare = {k: v for k, v in env.items() if k not in ("PATH", "MIDTRAIN_CMD")}
+    out, _ = task(bare, tmp_path, "midtrain-stub", "pretrain", "x")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "midtrain.log").read_text().split() == ["pretrain", "x"]
+    assert os.getcwd() != str(tmp_path / "root")
+
+
+def test_batch_shell_forwards_a_b_signal_to_the_step(env, tmp_path):
+    """--signal=B:USR1@..: only the batch shell is signalled; it forwards to the step instead of dying."""
+    stub = tmp_path / "bin/midtrain-stub"
+    stub.write_text(f'#!/usr/bin/env bash\nsleep 30 & s=$!\ntrap "kill $s; exit 75" USR1\n'
+                    f"echo started >> {tmp_path}/midtrain.log\nwait\n")
+    cfg = str(REPO / "midtrain_configs/pretrain/pythia-70m.yaml")
+    proc = subprocess.Popen(["bash", str(SCRIPTS / "pretrain.sbatch"), cfg], cwd=REPO, text=True,
+                            env={**env, "SLURM_JOB_ID": "31"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tmp_path / "midtrain.log"
+    for _ in range(100):
+        if log.exists():
+            break
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "forwarding it to the job step" in err
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "31"]
+
+
+def test_sbatch_copy_finds_the_repository_by_absolute_path(env, tmp_path):
+    """SLURM runs a copy of the script from its spool directory, from wherever the job was submitted."""
+    copy = tmp_path / "spool/slurm_script"
+    copy.parent.mkdir()
+    copy.write_text((SCRIPTS / "pretrain.sbatch").read_text())
+    cfg = str(REPO / "midtrain_configs/pretrain/pythia-70m.yaml")
+    run = {**env, "SLURM_SUBMIT_DIR": str(tmp_path)}
+    out = subprocess.run(["bash", str(copy), f"--repo={REPO}", "--dry-run", cfg], env=run, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and f"--config {cfg}" in out.stdout, out.stderr
+    out = subprocess.run(["bash", str(copy), "--dry-run", cfg], env=run, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2 and "cannot find training_scripts/lib.sh" in out.stderr
+
+
+def test_submit_freezes_the_config_list_in_the_job_log_dir(env, tmp_path):
+    """A glob is expanded once at submission: a config added later never shifts the tasks."""
+    (tmp_path / "bin/sbatch").write_text(f'#!/usr/bin/env bash\necho "$@" > {tmp_path}/sbatch.log\necho 77\n')
+    (tmp_path / "bin/sbatch").chmod(0o755)
+    cfgs = tmp_path / "cfgs"
+    cfgs.mkdir()
+    for name in ("b", "c"):
+        (cfgs / f"{name}.yaml").write_text(f"out_dir: out/{name}\n")
+    out = subprocess.run(["bash", str(SCRIPTS / "submit.sh"), "pretrain", f"{cfgs}/*.yaml", "--", "--x", "1"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    job = tmp_path / "logs/pretrain-77"
+    assert "logs/pretrain-77" in out.stdout and (job / "job_id").read_text().strip() == "77"
+    assert (job / "configs.txt").read_text().split() == [str(cfgs / "b.yaml"), str(cfgs / "c.yaml")]
+    args = (tmp_path / "sbatch.log").read_text().split()
+    assert "--parsable" in args and "--array=0-1" in args and f"--output={job.resolve()}/%A_%a.out" in args
+    (cfgs / "a.yaml").write_text("out_dir: out/a\n")  # sorts first: would have become task 0
+    script_args = args[args.index(str(SCRIPTS / "pretrain.sbatch")) + 1:]
+    for i, name in enumerate("bc"):
+        ran = bash("pretrain.sbatch", *script_args, env=env, SLURM_JOB_ID=str(80 + i), SLURM_ARRAY_TASK_ID=str(i))
+        assert ran.returncode == 0, ran.stderr
+        assert f"--config {cfgs / name}.yaml" in (tmp_path / "midtrain.log").read_text().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("signal_arg", "code", "said"), [
+    ("--signal=B:USR1@60", 0, "reaches only the batch shell"),
+    ("--signal=TERM@60", 2, "handle SIGUSR1"),
+])
+def test_submit_checks_the_signal(env, signal_arg, code, said):
+    site = Path(env["MIDTRAIN_SITE"])
+    request = f"PRETRAIN_SBATCH_ARGS=({signal_arg})"
+    site.write_text(site.read_text().replace("PRETRAIN_SBATCH_ARGS=(--nodes=2)", request))
+    out = bash("submit.sh", "pretrain", "--dry-run", str(TIMING[0]), env=env)
+    assert out.returncode == code and said in out.stderr
+
+
+@pytest.mark.parametrize(("time_arg", "warned"), [("--time=00:02:00", True), ("-t 3", True), ("--time=1-00", False),
+                                                  ("--time=10:00", False)])
+def test_submit_warns_when_the_time_limit_barely_exceeds_the_signal_lead(env, time_arg, warned):
+    """--time=00:02:00 with USR1@120: signalled right at the start of every attempt, the run crawls."""
+    site = Path(env["MIDTRAIN_SITE"])
+    site.write_text(site.read_text().replace("PRETRAIN_SBATCH_ARGS=(--nodes=2)", f"PRETRAIN_SBATCH_ARGS=({time_arg})"))
+    out = bash("submit.sh", "pretrain", "--dry-run", str(TIMING[0]), env=env)
+    assert out.returncode == 0, out.stderr
+    assert ("requeued about" in out.stderr) == warned

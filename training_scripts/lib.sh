@@ -1,22 +1,37 @@
-# Shared helpers of training_scripts/*.sbatch and submit.sh (sourced, not run).
+# Shared helpers of training_scripts/*.sbatch, submit.sh and task.sh (sourced, not run).
+#
+# Every *.sbatch finds the repository before sourcing this file, by absolute path: SLURM runs a copy
+# of the script from its spool directory, so submit.sh passes --repo=DIR (see locate_repo there).
 #
 # Environment knobs (all optional):
-#   MIDTRAIN_SITE   site file to source (default training_scripts/site.sh)
+#   MIDTRAIN_SITE   site file to source (default training_scripts/site.sh; submit.sh passes --site=FILE)
 #   MIDTRAIN_CMD    the midtrain executable (default: midtrain); tests point it at a stub
-#   MIDTRAIN_SRUN   launcher prefix (default: srun --kill-on-bad-exit=1; empty = run directly)
+#   MIDTRAIN_SRUN   launcher prefix (default: srun --kill-on-bad-exit=1; empty = run the task in the batch shell)
 #   DRY_RUN=1       print the command(s) of every array task instead of running
-#   SLURM_*         set by SLURM: SLURM_ARRAY_TASK_ID, SLURM_JOB_ID, SLURM_NNODES, SLURM_GPUS_ON_NODE
+#   SLURM_*         set by SLURM inside a job: SLURM_JOB_ID, SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID,
+#                   SLURM_NNODES, SLURM_GPUS_ON_NODE, SLURM_NTASKS_PER_NODE (never read in a dry run)
 
 EXIT_PREEMPTED=75  # midtrain exits with this after a preemption checkpoint: requeue the task
+PREEMPT_SIGNAL=USR1  # what the #SBATCH --signal lines ask for and midtrain handles (preemption_signal)
+
+# A preemption signal from now on is remembered, not fatal (until run_task / task.sh start the command).
+PREEMPT_RECEIVED="${PREEMPT_RECEIVED:-0}"
+trap 'PREEMPT_RECEIVED=1' "$PREEMPT_SIGNAL"
 
 die() { echo "midtrain-sbatch: error: $*" >&2; exit 2; }
+note() { echo "midtrain-sbatch: $*" >&2; }
 
 load_site() {
     local site="${MIDTRAIN_SITE:-$MIDTRAIN_REPO/training_scripts/site.sh}"
     [[ -f "$site" ]] || die "no site file $site; copy training_scripts/site.example.sh to training_scripts/site.sh and edit it"
+    local dir
+    dir="$(cd "$(dirname "$site")" && pwd)" && [[ -n "$dir" ]] || die "cannot resolve the directory of site file $site"
+    MIDTRAIN_SITE="$dir/$(basename "$site")"
     # shellcheck disable=SC1090
-    source "$site"
+    source "$MIDTRAIN_SITE"
     MIDTRAIN_ROOT="${MIDTRAIN_ROOT:-$MIDTRAIN_REPO}"
+    MIDTRAIN_LOG_DIR="${MIDTRAIN_LOG_DIR:-$MIDTRAIN_ROOT/logs/slurm}"
+    [[ "$MIDTRAIN_LOG_DIR" == /* ]] || MIDTRAIN_LOG_DIR="$MIDTRAIN_ROOT/$MIDTRAIN_LOG_DIR"
 }
 
 # expand_configs ARG...: one config per line. ARG is a .yaml file, a directory (its *.yaml, recursive,
@@ -94,7 +109,7 @@ resume_args() {
     esac
 }
 
-# task_config CONFIG...: the config of this array task (SLURM_ARRAY_TASK_ID, default 0 for one config).
+# task_index N: the config index of this array task (SLURM_ARRAY_TASK_ID, default 0 for one config).
 task_index() {
     local n="$1"
     if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
@@ -105,25 +120,114 @@ task_index() {
     fi
 }
 
-# run_task COMMAND...: run under srun; on exit status 75 (preempted, checkpoint written) requeue this job.
+# sbatch_option NAME ARG...: the last value of sbatch option NAME (long form, '--NAME=V' or '--NAME V',
+# or one short letter '-X V'/'-XV' after a '|': "nodes|N") among ARG...; empty when absent.
+sbatch_option() {
+    local long="${1%%|*}" short="" prev="" arg value=""
+    [[ "$1" == *"|"* ]] && short="${1#*|}"
+    shift
+    for arg in "$@"; do
+        if [[ "$prev" == "--$long" || ( -n "$short" && "$prev" == "-$short" ) ]]; then value="$arg"
+        elif [[ "$arg" == "--$long="* ]]; then value="${arg#*=}"
+        elif [[ -n "$short" && "$arg" == "-$short"?* ]]; then value="${arg#-"$short"}"
+        fi
+        prev="$arg"
+    done
+    echo "$value"
+}
+
+# time_seconds TIME: an sbatch --time value (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds;
+# nothing for values it does not know (UNLIMITED, ...).
+time_seconds() {
+    local t="$1" d=0 h=0 m=0 s=0 parts
+    [[ "$t" =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$ ]] || return 0
+    if [[ "$t" == *-* ]]; then
+        d="${t%%-*}"; IFS=: read -r h m s <<< "${t#*-}"
+    else
+        IFS=: read -r -a parts <<< "$t"
+        case ${#parts[@]} in 1) m="${parts[0]}" ;; 2) m="${parts[0]}"; s="${parts[1]}" ;; *) h="${parts[0]}"; m="${parts[1]}"; s="${parts[2]}" ;; esac
+    fi
+    echo $(( 10#$d * 86400 + 10#${h:-0} * 3600 + 10#${m:-0} * 60 + 10#${s:-0} ))
+}
+
+# script_sbatch_lines KIND: the options of the '#SBATCH' lines of KIND.sbatch, one word per line.
+script_sbatch_lines() {
+    sed -n 's/^#SBATCH[[:space:]]\{1,\}//p' "$MIDTRAIN_REPO/training_scripts/$1.sbatch" | tr ' ' '\n' | sed '/^$/d'
+}
+
+# requested_options KIND: every sbatch option of a KIND job in the order sbatch applies them (the script's
+# #SBATCH lines, then SITE_SBATCH_ARGS, then <KIND>_SBATCH_ARGS; later ones win), one per line.
+requested_options() {
+    local kind="$1" name
+    script_sbatch_lines "$kind"
+    name="$(echo "$kind" | tr '[:lower:]' '[:upper:]')_SBATCH_ARGS[@]"
+    printf '%s\n' "${SITE_SBATCH_ARGS[@]+"${SITE_SBATCH_ARGS[@]}"}" "${!name+"${!name}"}" | sed '/^$/d'
+}
+
+# job_layout KIND: "DEVICES NODES" (processes per node, nodes). In a job: what SLURM allocated. In a dry run:
+# what the sbatch request asks for (--gpus-per-node, else --ntasks-per-node; --nodes), never the
+# SLURM_* variables of the shell that submits (an interactive allocation would leak into the preview).
+job_layout() {
+    local kind="$1" opts=() line devices nodes
+    if [[ "$DRY_RUN" != 1 && -n "${SLURM_JOB_ID:-}" ]]; then
+        echo "${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-1}} ${SLURM_NNODES:-1}"
+        return
+    fi
+    while IFS= read -r line; do opts+=("$line"); done < <(requested_options "$kind")
+    devices="$(sbatch_option gpus-per-node "${opts[@]+"${opts[@]}"}")"
+    devices="${devices##*:}"  # --gpus-per-node=a100:4
+    [[ -n "$devices" ]] || devices="$(sbatch_option ntasks-per-node "${opts[@]+"${opts[@]}"}")"
+    nodes="$(sbatch_option "nodes|N" "${opts[@]+"${opts[@]}"}")"
+    nodes="${nodes%%-*}"  # --nodes=2-4: the minimum
+    echo "${devices:-1} ${nodes:-1}"
+}
+
+# requeue_task: requeue exactly this array task (SLURM_JOB_ID of an array's last task is the array's ID).
+requeue_task() {
+    local id="${SLURM_JOB_ID:?SLURM_JOB_ID is not set}"
+    [[ -n "${SLURM_ARRAY_JOB_ID:-}" && -n "${SLURM_ARRAY_TASK_ID:-}" ]] && id="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    note "preempted: requeueing job $id; it resumes from its newest checkpoint"
+    ${MIDTRAIN_SCONTROL:-scontrol} requeue "$id" \
+        || die "scontrol requeue $id failed; submit the same configs again to continue from the checkpoint"
+}
+
+# run_task COMMAND...: run one job step; when a task of it was preempted, requeue this task.
+# The step runs in the background so that this (batch) shell can forward the preemption signal to it:
+# a site's --signal=B:USR1@... reaches only the batch shell, which would otherwise die of it.
 run_task() {
-    local rc=0
+    local marker="$1" rc=0 child; shift
+    mkdir -p "$(dirname "$marker")"; rm -f "$marker"
+    if (( PREEMPT_RECEIVED )); then  # only a --signal=B:... request reaches the batch shell
+        note "the batch shell got SIG$PREEMPT_SIGNAL (--signal=B:...) before the job step started"
+        requeue_task
+        exit 0
+    fi
     echo "+ $*" >&2
-    "$@" || rc=$?
-    if (( rc == EXIT_PREEMPTED )); then
-        echo "midtrain-sbatch: preempted (exit $rc): requeueing job ${SLURM_JOB_ID:-?}" >&2
-        ${MIDTRAIN_SCONTROL:-scontrol} requeue "${SLURM_JOB_ID:?SLURM_JOB_ID is not set}"
+    "$@" &
+    child=$!
+    # shellcheck disable=SC2064
+    trap "note 'the batch shell got SIG$PREEMPT_SIGNAL (--signal=B:...): forwarding it to the job step'; kill -$PREEMPT_SIGNAL $child 2>/dev/null || true" "$PREEMPT_SIGNAL"
+    while :; do
+        wait "$child" && rc=0 || rc=$?
+        kill -0 "$child" 2>/dev/null || break  # a trapped signal interrupted wait; the step still runs
+    done
+    trap - "$PREEMPT_SIGNAL"
+    if [[ -f "$marker" ]] || (( rc == EXIT_PREEMPTED )); then
+        rm -f "$marker"
+        requeue_task
         exit 0
     fi
     return "$rc"
 }
 
-# parse_args ARG...: sets DRY_RUN, CONFIG_ARGS (configs/lists/globs) and EXTRA_ARGS (after --).
+# parse_args ARG...: sets DRY_RUN, MIDTRAIN_SITE (--site=FILE), CONFIG_ARGS (configs/lists/globs) and
+# EXTRA_ARGS (after --).
 parse_args() {
     DRY_RUN="${DRY_RUN:-0}"; CONFIG_ARGS=(); EXTRA_ARGS=()
     while (( $# )); do
         case "$1" in
             --dry-run) DRY_RUN=1 ;;
+            --site=*) MIDTRAIN_SITE="${1#--site=}" ;;
             -h|--help) usage; exit 0 ;;
             --) shift; EXTRA_ARGS=("$@"); break ;;
             *) CONFIG_ARGS+=("$1") ;;
@@ -133,29 +237,46 @@ parse_args() {
     (( ${#CONFIG_ARGS[@]} )) || { usage >&2; exit 2; }
 }
 
+srun_prefix() {
+    if [[ -n "${MIDTRAIN_SRUN+x}" ]]; then echo "$MIDTRAIN_SRUN"; else echo "srun --kill-on-bad-exit=1"; fi
+}
+
+# task_command CONFIG: the whole command of this task, one argument per line: the launcher, task.sh (sets the
+# environment up inside each task, turns a preempted task into a clean end of the step), then the midtrain
+# command that build_command (defined by each *.sbatch) prints for CONFIG.
+# --kill-on-bad-exit stays (a crashed rank must not leave the others hanging in a collective until the
+# time limit): task.sh exits 0 for a preempted task, so srun never kills a sibling rank that is still
+# writing its part of the checkpoint (rank 0 exiting 75 first used to make the step end 143, FAILED).
+task_command() {
+    local cfg="$1" word
+    for word in $(srun_prefix); do echo "$word"; done
+    echo "$BASH"; echo "$MIDTRAIN_REPO/training_scripts/task.sh"
+    echo "--repo=$MIDTRAIN_REPO"; echo "--site=$MIDTRAIN_SITE"; echo "--marker=$PREEMPT_MARKER"; echo --
+    build_command "$cfg"
+}
+
 # launch KIND CONFIG...: the body of every sbatch script.
-#   build_command (defined by the script) prints the command for one config, one argument per line.
 launch() {
     local kind="$1"; shift
     local configs=() line
     while IFS= read -r line; do configs+=("$line"); done < <(expand_configs "$@")
     cd "$MIDTRAIN_ROOT" || die "MIDTRAIN_ROOT $MIDTRAIN_ROOT does not exist"
+    read -r JOB_DEVICES JOB_NODES < <(job_layout "$kind")
+    PREEMPT_MARKER="$MIDTRAIN_LOG_DIR/.preempted-${SLURM_JOB_ID:-$$}"  # task.sh creates it when preempted
+    [[ "$DRY_RUN" != 1 ]] || PREEMPT_MARKER="$MIDTRAIN_LOG_DIR/.preempted-\$SLURM_JOB_ID"
     local n=${#configs[@]} i cmd=()
     if [[ "$DRY_RUN" == 1 ]]; then
-        echo "# midtrain $kind: $n config(s), working directory $MIDTRAIN_ROOT"
+        echo "# midtrain $kind: $n config(s), working directory $MIDTRAIN_ROOT, $JOB_NODES node(s) x $JOB_DEVICES process(es)"
         local ids=()
         if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then ids=("$(task_index "$n")"); else ids=($(seq 0 $((n - 1)))); fi
         for i in "${ids[@]}"; do
-            cmd=(); while IFS= read -r line; do cmd+=("$line"); done < <(build_command "${configs[$i]}")
+            cmd=(); while IFS= read -r line; do cmd+=("$line"); done < <(task_command "${configs[$i]}")
             echo "[task $i] ${cmd[*]}"
         done
         return 0
     fi
     i="$(task_index "$n")"
-    cmd=(); while IFS= read -r line; do cmd+=("$line"); done < <(build_command "${configs[$i]}")
-    run_task "${cmd[@]}"
-}
-
-srun_prefix() {
-    if [[ -n "${MIDTRAIN_SRUN+x}" ]]; then echo "$MIDTRAIN_SRUN"; else echo "srun --kill-on-bad-exit=1"; fi
+    note "job ${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-?}}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID} (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): config $((i + 1)) of $n: ${configs[$i]}"
+    cmd=(); while IFS= read -r line; do cmd+=("$line"); done < <(task_command "${configs[$i]}")
+    run_task "$PREEMPT_MARKER" "${cmd[@]}"
 }

@@ -15,10 +15,12 @@ EVALUATE_SBATCH_ARGS=(--nodes=1 --gpus-per-node=1 --ntasks-per-node=1 --cpus-per
 #   ln -s /scratch/$USER/midtrain/data data; ln -s /scratch/$USER/midtrain/out out
 MIDTRAIN_ROOT="${MIDTRAIN_REPO}"
 
-# Where SLURM writes job logs (created by submit.sh).
+# Where jobs keep their logs: one directory per job, <kind>-<job id>/ (task logs, the frozen config list,
+# the sbatch command). Must be visible from every node (preempted tasks leave a marker file here).
 MIDTRAIN_LOG_DIR="${MIDTRAIN_ROOT}/logs/slurm"
 
-# Environment activation (runs inside the job, before midtrain): a venv, conda, modules, ...
+# Environment activation: runs inside EVERY srun task, right before midtrain (so sites that submit with
+# --export=NONE work too): a venv, conda, modules, NCCL variables, ...
 site_activate() {
     # module load cuda/12.4
     # shellcheck disable=SC1091

@@ -4,31 +4,76 @@
 #   training_scripts/submit.sh KIND [--dry-run] CONFIG|DIR|'GLOB'|LIST... [-- OVERRIDES...]
 #   KIND: pretrain | finetune | evaluate
 #
-# Sources training_scripts/site.sh (SITE_SBATCH_ARGS, <KIND>_SBATCH_ARGS, MIDTRAIN_LOG_DIR), counts
-# the configs and runs `sbatch --array=0-(N-1) ... training_scripts/KIND.sbatch ARGS`. --dry-run prints
-# the sbatch command and every task's command without submitting.
+# Sources training_scripts/site.sh (SITE_SBATCH_ARGS, <KIND>_SBATCH_ARGS, MIDTRAIN_LOG_DIR), expands
+# the configs ONCE, here, and writes them to the job's log directory
+#   MIDTRAIN_LOG_DIR/KIND-<UTC time>-<pid>/configs.txt   (plus submit.txt: the sbatch command, job_id)
+#   MIDTRAIN_LOG_DIR/KIND-<job id> -> that directory    (a link, made once the job ID is known)
+# so task i runs line i even when a glob would match other files by the time the task starts or is
+# requeued. Then runs `sbatch --array=0-(N-1) --output=<log dir>/%A_%a.out ... KIND.sbatch`.
+# --dry-run prints the sbatch command and every task's command as the job will run it (devices and
+# nodes from the sbatch request, not from this shell) without submitting or writing anything.
 set -euo pipefail
 
-MIDTRAIN_REPO="$(cd "$(dirname "$0")/.." && pwd)"
-export MIDTRAIN_REPO
+MIDTRAIN_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=training_scripts/lib.sh
 source "$MIDTRAIN_REPO/training_scripts/lib.sh"
-usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "$MIDTRAIN_REPO/training_scripts/submit.sh" | grep '^#' | sed 's/^# \{0,1\}//'; }
 
 [[ $# -ge 1 && "$1" != -h && "$1" != --help ]] || { usage; exit 0; }
 kind="$1"; shift
 case "$kind" in pretrain|finetune|evaluate) ;; *) die "unknown job kind $kind (pretrain, finetune, evaluate)" ;; esac
 parse_args "$@"
 load_site
-n="$(expand_configs "${CONFIG_ARGS[@]}" | wc -l)"
+configs=()
+while IFS= read -r line; do configs+=("$line"); done < <(expand_configs "${CONFIG_ARGS[@]}")
+n=${#configs[@]}
+opts=()
+while IFS= read -r line; do opts+=("$line"); done < <(requested_options "$kind")
+
+# The preemption signal must reach midtrain: only SIGUSR1 is handled; B: (batch shell only) is forwarded.
+signal="$(sbatch_option signal "${opts[@]+"${opts[@]}"}")"
+case "$signal" in
+    "") note "warning: no --signal for $kind jobs: a run reaching its time limit is killed without a checkpoint" ;;
+    B:*) note "note: --signal=$signal reaches only the batch shell; the script forwards it to the job step" ;;
+esac
+sig_name="${signal#*:}"; sig_name="${sig_name%@*}"; sig_name="${sig_name#SIG}"
+[[ -z "$signal" || "$sig_name" == "$PREEMPT_SIGNAL" || "$sig_name" == "$(kill -l "$PREEMPT_SIGNAL")" ]] \
+    || die "--signal=$signal: the scripts and midtrain handle SIG$PREEMPT_SIGNAL; use --signal=${signal%%:*}:$PREEMPT_SIGNAL@SECONDS or --signal=$PREEMPT_SIGNAL@SECONDS"
+
+# A time limit hardly longer than the signal's lead: every attempt is signalled soon after it starts.
+limit="$(time_seconds "$(sbatch_option "time|t" "${opts[@]+"${opts[@]}"}")")"
+lead=60  # sbatch's default lead when --signal has no @
+[[ "$signal" == *@* ]] && lead="${signal##*@}"
+if [[ -n "$signal" && -n "$limit" && "$lead" =~ ^[0-9]+$ ]] && (( limit <= 2 * lead )); then
+    note "warning: --time gives $limit s and --signal=$signal comes $lead s before the end: every attempt is" \
+         "checkpointed and requeued about $(( limit - lead )) s after it starts; raise --time or lower the @ lead"
+fi
+
 kind_args_name="$(echo "$kind" | tr '[:lower:]' '[:upper:]')_SBATCH_ARGS[@]"
+script_args=(--repo="$MIDTRAIN_REPO" --site="$MIDTRAIN_SITE")
+if [[ "$DRY_RUN" == 1 ]]; then
+    job_dir="$MIDTRAIN_LOG_DIR/$kind-<time>"
+    list="${CONFIG_ARGS[*]}"
+else
+    job_dir="$MIDTRAIN_LOG_DIR/$kind-$(date -u +%Y%m%d-%H%M%S)-$$"
+    list="$job_dir/configs.txt"
+fi
 cmd=(sbatch "${SITE_SBATCH_ARGS[@]+"${SITE_SBATCH_ARGS[@]}"}" "${!kind_args_name+"${!kind_args_name}"}"
-     --array="0-$((n - 1))" --output="${MIDTRAIN_LOG_DIR:-logs}/%x-%A_%a.out"
-     "$MIDTRAIN_REPO/training_scripts/$kind.sbatch" "${CONFIG_ARGS[@]}" -- "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")
+     --array="0-$((n - 1))" --output="$job_dir/%A_%a.out"
+     "$MIDTRAIN_REPO/training_scripts/$kind.sbatch" "${script_args[@]}" "$list" -- "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "${cmd[*]}"
-    DRY_RUN=1 bash "${cmd[@]: -$((${#CONFIG_ARGS[@]} + ${#EXTRA_ARGS[@]} + 2))}"
-else
-    mkdir -p "${MIDTRAIN_LOG_DIR:-logs}"
-    "${cmd[@]}"
+    # what each task will run: no SLURM_* of this shell (an interactive allocation) may leak into it
+    env $(compgen -e | grep '^SLURM_' | sed 's/^/-u /') DRY_RUN=1 \
+        bash "$MIDTRAIN_REPO/training_scripts/$kind.sbatch" "${script_args[@]}" "${CONFIG_ARGS[@]}" -- "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}"
+    exit 0
 fi
+
+mkdir -p "$job_dir"
+printf '%s\n' "${configs[@]}" > "$list"
+printf '%q ' "${cmd[@]}" > "$job_dir/submit.txt"; echo >> "$job_dir/submit.txt"
+out="$(sbatch --parsable "${cmd[@]:1}")" || die "sbatch failed (the configs are in $list)"
+job_id="${out%%;*}"
+echo "$job_id" > "$job_dir/job_id"
+ln -sfn "$(basename "$job_dir")" "$MIDTRAIN_LOG_DIR/$kind-$job_id"
+echo "Submitted $kind job $job_id: $n task(s); configs and logs in $MIDTRAIN_LOG_DIR/$kind-$job_id/"

@@ -21,10 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 from litdata import StreamingDataset, TokensLoader
+from litdata.streaming.sampler import ChunkedIndex
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midtrain.data.order import DataOrder, Generation, RankSlice
 from midtrain.errors import MidtrainError
+
+PLAN_AHEAD = 4096
+"""Samples whose order a worker computes at once (a vectorised lookup per block, not per micro-batch)."""
 
 
 @dataclass(frozen=True)
@@ -68,27 +72,34 @@ class MixedStream(IterableDataset):
             storage_options=self.storage_options or {},
         )
 
-    def micro_batch(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Global indices, sources (positions in ``sources``) and sample ids of this rank's micro-batch ``j``."""
+    def micro_batches(self, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sources (positions in ``sources``), sample ids and their chunks for this rank's micro-batches ``j``."""
         g = self.ranks.indices(self.start, j)
-        gen, src, _, ids = self.order.lookup(g)
+        gen, src, _, ids = self.order.lookup(g.ravel())
         if gen != len(self.order.generations) - 1:
             raise MidtrainError("The stream serves the newest mixture generation only.")
-        return g, src, ids
+        chunks = np.empty_like(ids)
+        for s, source in enumerate(self.sources):
+            sel = src == s
+            chunks[sel] = self.order.source(source.id).chunk_of(ids[sel])
+        return src.reshape(g.shape), ids.reshape(g.shape), chunks.reshape(g.shape)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         datasets = [self.open(s) for s in self.sources]
+        ahead = max(1, PLAN_AHEAD // self.ranks.micro_batch)  # micro-batches looked up in one vectorised call
         j = self.first_micro_batch + worker
         while True:
-            _, src, ids = self.micro_batch(j)
-            rows = [datasets[s][i] for s, i in zip(src.tolist(), ids.tolist())]
-            batch = torch.empty((len(rows), self.block_size), dtype=rows[0].dtype)
-            if info is not None:  # in a loader worker: build the batch in shared memory, no copy at hand-over
-                batch.share_memory_()
-            yield {"input_ids": torch.stack(rows, out=batch), "source": src}  # numpy: pickled inline
-            j += workers
+            sources, samples, chunks = self.micro_batches(j + workers * np.arange(ahead))
+            for src, ids, chunk in zip(sources, samples, chunks):
+                # litdata's public ChunkedIndex: the sample id plus its chunk (ds[i] would search the chunk linearly)
+                rows = [datasets[s][ChunkedIndex(i, c)] for s, i, c in zip(src.tolist(), ids.tolist(), chunk.tolist())]
+                batch = torch.empty((len(rows), self.block_size), dtype=rows[0].dtype)
+                if info is not None:  # in a loader worker: build the batch in shared memory, no copy at hand-over
+                    batch.share_memory_()
+                yield {"input_ids": torch.stack(rows, out=batch), "source": src}  # numpy: pickled inline
+            j += workers * ahead
 
 
 def _as_is(batch: dict) -> dict:
@@ -200,5 +211,6 @@ class MixedLoader(DataLoader):
                     "batch size, number of processes and micro-batch size."
                 )
             served = int(into[0])
+        restored.blend(len(restored.generations) - 1)  # computed once here; workers get it with the stream
         stream.order, stream.start, self.served = restored, consumed, served
         self.shards_seen = {**state["shards"], **self.shards_seen}

@@ -224,6 +224,10 @@ class SourceOrder:
                 self._windows.popitem(last=False)
         return self._windows[(e, w)]
 
+    def chunk_of(self, ids: np.ndarray) -> np.ndarray:
+        """The chunk holding each sample id."""
+        return np.searchsorted(self.first, ids, side="right") - 1
+
     def lookup(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Epoch and sample id of the ``k``-th samples this source serves (``k`` counted over the whole run)."""
         epoch, pos = np.divmod(np.asarray(k, dtype=np.int64), self.samples)
@@ -356,8 +360,9 @@ class RankSlice:
     def micro_batches_per_step(self) -> int:
         return self.global_batch // (self.world * self.micro_batch)
 
-    def indices(self, start: int, j: int) -> np.ndarray:
-        """Global indices of this rank's micro-batch ``j`` counted from global index ``start`` (a step boundary)."""
-        step, m = divmod(j, self.micro_batches_per_step)
+    def indices(self, start: int, j: int | np.ndarray) -> np.ndarray:
+        """Global indices of this rank's micro-batch ``j`` (or one row per entry of an array ``j``), counted from
+        global index ``start`` (a step boundary)."""
+        step, m = np.divmod(np.asarray(j, dtype=np.int64), self.micro_batches_per_step)
         first = start + step * self.global_batch + self.rank * (self.global_batch // self.world) + m * self.micro_batch
-        return np.arange(first, first + self.micro_batch, dtype=np.int64)
+        return first[..., None] + np.arange(self.micro_batch, dtype=np.int64)

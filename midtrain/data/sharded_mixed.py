@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from midtrain.data.mixed_stream import MixedLoader, MixedStream, Source
 from midtrain.data.mixture import MODE_FIELDS, Mixture, MixtureSpec, resolve_mixture
 from midtrain.data.order import BLENDS, DataOrder, Generation, RankSlice, layout_fingerprint
+from midtrain.data.remote import is_remote
 from midtrain.data.shards import Shard, discover_shards, load_shard, read_index
 from midtrain.errors import MidtrainError
 
@@ -40,10 +41,10 @@ class Stage:
 class ShardedMixedDataset(DataModule):
     """Weighted mixture of litdata token shards under ``data_path`` (see ``midtrain.data.mixture``)."""
 
-    data_path: Path | None = None
-    """Directory holding the shard folders (``1``, ``2``, ``c1``, ``m1``, ...)."""
+    data_path: str | Path | None = None
+    """Directory holding the shard folders (``1``, ``2``, ``c1``, ``m1``, ...); may be ``s3://…`` or ``gs://…``."""
     val_data_path: str | dict[str, str] | None = None
-    """A validation shard directory, or a mapping ``name -> shard directory`` for several sets."""
+    """A validation shard directory, or a mapping ``name -> shard directory`` for several sets (local or remote)."""
     mix_weights_str: str | dict[str, float] | None = None
     """Weighted mode: per-type weights, e.g. ``main:0.8,code:0.2``."""
     literal_weights_str: str | dict[str, float] | None = None
@@ -83,7 +84,7 @@ class ShardedMixedDataset(DataModule):
             raise MidtrainError(f"data.num_workers must be >= 0, got {self.num_workers}.")
         if self.blend not in BLENDS:
             raise MidtrainError(f"data.blend must be one of {', '.join(BLENDS)}, got {self.blend!r}.")
-        self.shards: list[Shard] = discover_shards(self.data_path, self.shard_types)
+        self.shards: list[Shard] = discover_shards(self.data_path, self.shard_types, self.storage_options)
         self.spec = MixtureSpec(
             mix_weights_str=self.mix_weights_str,
             literal_weights_str=self.literal_weights_str,
@@ -111,12 +112,15 @@ class ShardedMixedDataset(DataModule):
             stages.append(Stage(at_step=at, spec=spec, mixture=resolve_mixture(spec, self.shards, self.shard_types)))
         return stages
 
-    def _resolve_val_paths(self) -> dict[str, Path]:
+    def _resolve_val_paths(self) -> dict[str, Path | str]:
         if self.val_data_path is None:
             return {}
         raw = self.val_data_path if isinstance(self.val_data_path, dict) else {"val": self.val_data_path}
-        paths = {}
+        paths: dict[str, Path | str] = {}
         for name, path in raw.items():
+            if is_remote(path):
+                paths[str(name)] = load_shard(str(name), "val", path, self.storage_options).path  # checks index.json
+                continue
             p = Path(path).expanduser()
             if not p.is_dir():
                 raise MidtrainError(f"Validation set {name!r}: {p} does not exist.")
@@ -140,7 +144,7 @@ class ShardedMixedDataset(DataModule):
             for row in stage.mixture.active:
                 row.shard.check_block_size(self.block_size)
         for name, path in self.val_paths.items():
-            load_shard(name, "val", path).check_block_size(self.block_size)
+            load_shard(name, "val", path, self.storage_options).check_block_size(self.block_size)
 
     def stage_at(self, step: int) -> tuple[int, Stage]:
         """Index and stage in force at optimizer step ``step``."""
@@ -248,7 +252,7 @@ class ValWindows(Dataset):
             _location(path), item_loader=TokensLoader(block_size=block_size), shuffle=False,
             storage_options=storage_options or {},
         )
-        total = load_shard("val", "val", Path(path)).samples(block_size)
+        total = load_shard("val", "val", path, storage_options).samples(block_size)
         n = total if max_samples is None else min(total, int(max_samples))
         world, rank = _world_and_rank()
         self.indices = [i * total // n for i in range(rank, n, world)]
@@ -260,6 +264,8 @@ class ValWindows(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)  # ends plain iteration over the dataset
         pad = i >= len(self.indices)
         window = self.dataset[0 if pad else self.indices[i]]
         if not self.masked:

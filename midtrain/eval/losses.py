@@ -15,6 +15,9 @@ state dict, plus ``model_config.yaml``). A validation set is
 The loss of a set is the token-weighted mean over every scored token, summed over all ranks.
 Rows already in the CSV, keyed by (checkpoint, set), are skipped, so a sweep can be re-run as new
 checkpoints appear; after each checkpoint the whole CSV is rewritten to a temp file and renamed.
+A preemption signal (SLURM's ``--signal=USR1@...``) finishes the row being scored, writes the CSV
+and exits with status 75, on which ``training_scripts/evaluate.sbatch`` requeues; the rerun skips
+the rows already written.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,15 +41,15 @@ from litgpt.config import Config
 from litgpt.data.base import SFTDataset, get_sft_collate_fn
 from litgpt.model import GPT
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import load_checkpoint
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from midtrain.data.sharded_mixed import ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
+from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.train.checkpoints import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, is_complete, read_train_state
-from midtrain.train.runtime import build_fabric, sequence_losses
+from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights, sequence_losses
 
 COLUMNS = ("checkpoint", "step", "tokens_seen", "set", "loss", "ppl", "n_tokens")
 _STEP_NAME = re.compile(r"step-(\d+)")
@@ -185,9 +189,9 @@ def even_subset(n: int, max_samples: int | None) -> list[int]:
     return [i * n // k for i in range(k)]
 
 
-def _shift_windows(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.stack(windows).long()
-    return x[:, :-1], x[:, 1:]
+def _stack_windows(windows: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of ``ValWindows`` items (a rank's padding windows have every target masked)."""
+    return torch.stack([w["input_ids"] for w in windows]).long(), torch.stack([w["labels"] for w in windows]).long()
 
 
 def _shift_sft(samples: list[dict], collate) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +203,7 @@ def token_loader(path: Path, seq_len: int, max_samples: int | None, batch_size: 
     """(inputs, targets) batches of fixed windows of a token shard, this rank's share."""
     load_shard("val", "val", path).check_block_size(seq_len + 1)
     windows = ValWindows(path, seq_len + 1, max_samples)
-    return DataLoader(windows, batch_size=batch_size, collate_fn=_shift_windows)
+    return DataLoader(windows, batch_size=batch_size, collate_fn=_stack_windows)
 
 
 def sft_loader(
@@ -241,10 +245,7 @@ def load_model(fabric: L.Fabric, checkpoint: Checkpoint, seq_len: int) -> torch.
         model = GPT(config)
     model.max_seq_length = seq_len
     model = fabric.setup_module(model)
-    try:
-        load_checkpoint(fabric, model, checkpoint.path / MODEL_FILE)
-    except (KeyError, RuntimeError) as err:
-        raise MidtrainError(f"{checkpoint.path / MODEL_FILE} does not fit its {MODEL_CONFIG_FILE}: {err}") from err
+    load_initial_weights(fabric, model, checkpoint.path)  # after setup, weights_only=True, FSDP-safe
     return model.eval()
 
 
@@ -326,6 +327,7 @@ def evaluate(
     precision: str | None = None,
     lm_eval_tasks: str | None = None,
     lm_eval_limit: float | None = None,
+    preemption_signal: str | None = "SIGUSR1",
 ) -> list[dict] | None:
     """Validation loss and perplexity of each checkpoint on each set, appended to one CSV.
 
@@ -349,6 +351,8 @@ def evaluate(
         lm_eval_tasks: Comma-separated lm-eval-harness tasks run on each checkpoint through litgpt
             (needs ``lm_eval`` installed); results go to ``<out stem>_lm_eval/<run>-<checkpoint>/results.json``.
         lm_eval_limit: Examples per lm-eval task (a fraction if < 1); None: all.
+        preemption_signal: Signal that finishes the current row, writes the CSV and exits with status 75
+            (the sbatch script requeues; the rerun skips written rows), or None.
 
     Returns:
         All rows of the CSV (on rank 0; None on other ranks).
@@ -361,15 +365,21 @@ def evaluate(
         precision = "32-true"
     fabric = build_fabric(devices, 1, precision, strategy="ddp", accelerator=accelerator)
     options = EvalOptions(max_samples, batch_size, max_seq_length, tokenizer_dir, prompt_style, mask_prompt)
-    rows = fabric.launch(_evaluate_all, found, sets, Path(out), options)
+    rows = fabric.launch(_evaluate_all, found, sets, Path(out), options, preemption_signal)
     if lm_eval_tasks and fabric.global_rank == 0:
         run_lm_eval(found, lm_eval_tasks, Path(out), lm_eval_limit, batch_size)
     return rows
 
 
 def _evaluate_all(
-    fabric: L.Fabric, checkpoints: list[Checkpoint], sets: list[ValSet], out: Path, options: EvalOptions
+    fabric: L.Fabric,
+    checkpoints: list[Checkpoint],
+    sets: list[ValSet],
+    out: Path,
+    options: EvalOptions,
+    preemption_signal: str | None,
 ) -> list[dict] | None:
+    preempt = PreemptionFlag(preemption_signal)  # in each process (launch may spawn them)
     rows = read_rows(out)
     done = {(r["checkpoint"], r["set"]) for r in rows}
     todo = {c: [s for s in sets if (str(c.path), s.name) not in done] for c in checkpoints}
@@ -395,6 +405,15 @@ def _evaluate_all(
             rows.append(make_row(checkpoint, val_set.name, *loss_sum_and_count(fabric, model, loader)))
             bar.set_postfix_str(f"{checkpoint.path.name} {val_set.name} loss {rows[-1]['loss']}")
             bar.update()
+            if preempt.agreed(fabric):
+                if fabric.global_rank == 0:
+                    write_rows(out, rows)
+                fabric.barrier()
+                fabric.print(
+                    f"\nevaluate: preemption signal: {len(rows)} rows written to {out}; exiting with status "
+                    f"{EXIT_PREEMPTED} so the job is requeued (the rerun skips them)."
+                )
+                sys.exit(EXIT_PREEMPTED)
         if fabric.global_rank == 0:
             write_rows(out, rows)
         fabric.barrier()

@@ -44,13 +44,16 @@ class TrainArgs:
     keep_last_checkpoints: int | None = None
     """Delete older step checkpoints, keeping this many (None: keep all)."""
 
-    def gradient_accumulation_iters(self, world_size: int) -> int:
+    def gradient_accumulation_iters(self, world_size: int, processes: str | None = None) -> int:
         """Micro-batches per optimizer step on each of ``world_size`` processes."""
         per_step = self.micro_batch_size * world_size
         if self.global_batch_size % per_step:
+            lower = self.global_batch_size // per_step * per_step
+            valid = ", ".join(str(n) for n in (lower, lower + per_step) if n > 0)
             raise MidtrainError(
-                f"train.global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size "
-                f"({self.micro_batch_size}) x processes ({world_size}) = {per_step}."
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of train.micro_batch_size "
+                f"({self.micro_batch_size}) x {processes or 'processes'} ({world_size}) = {per_step}; "
+                f"use e.g. {valid}."
             )
         return self.global_batch_size // per_step
 

@@ -160,6 +160,8 @@ def load_checkpoint(fabric: Fabric, path: Path | str, state: dict[str, Any], str
     path = Path(path)
     if not is_complete(path):
         raise MidtrainError(_incomplete_message(path))
+    if (path / MODEL_FILE).is_file():
+        read_weights_only(path / MODEL_FILE)  # FSDP's full-checkpoint reader is not restricted; refuse pickled code
     try:
         fabric.load(path / MODEL_FILE, state, strict=strict, weights_only=True)
     except (KeyError, RuntimeError, pickle.UnpicklingError) as err:
@@ -169,6 +171,18 @@ def load_checkpoint(fabric: Fabric, path: Path | str, state: dict[str, Any], str
             f"Checkpoint {path} does not fit the current model/optimizer (strict={strict}): {err}{hint}"
         ) from err
     return read_train_state(path)
+
+
+def read_weights_only(file: Path | str) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file, memory-mapped (cheap: tensors are read when used) and restricted to
+    tensors and plain data (``weights_only=True``); anything else is a MidtrainError."""
+    import torch
+
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MidtrainError(f"Cannot read {file} as tensors and plain data (weights_only=True): {first}") from err
 
 
 def read_train_state(path: Path | str) -> dict[str, Any]:

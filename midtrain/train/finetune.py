@@ -10,9 +10,10 @@ the sequences of every optimizer step come from pretraining shards (layout: ``mi
 * **Length.** ``train.max_steps`` optimizer steps, or ``epochs`` over the SFT training split:
   ``max_steps = ceil(epochs * n_train / sft_sequences_per_step)``. Epochs run back to back (a step
   may straddle two), each a fresh seeded permutation (``midtrain.data.sft``).
-* **State.** Optimizer state is not taken from the pretraining checkpoint. A checkpoint of this
-  run holds model, optimizer, step, SFT samples consumed and every process's replay-stream state,
-  so ``resume`` continues exactly (the same per-step losses as an uninterrupted run).
+* **State.** The starting weights are loaded after ``fabric.setup`` (FSDP-safe); optimizer state is
+  not taken from them. A checkpoint of this run holds model, optimizer, step, SFT samples consumed
+  and the replay-stream state, so a requeue continues exactly (the same per-step losses as an
+  uninterrupted run); resume policy, checkpoints and ``final/`` as in ``midtrain.train.runtime``.
 * **Validation.** ``val/sft/loss`` on the data module's validation split and ``val/<name>/loss``
   on pretraining-shard sets (``val_data_path`` and ``replay.data.val_data_path``), at
   ``eval.interval`` and at the end.
@@ -31,7 +32,6 @@ import torch
 from litgpt.config import Config
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import choose_logger
 from torch.utils.data import DataLoader
 
 from midtrain.data.replay import Replay, spread
@@ -39,15 +39,17 @@ from midtrain.data.sft import SFTOrder, StepBatches, scored_fraction, sft_rows, 
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
-from midtrain.tokenizer_fingerprint import check_shard_tokenizers
+from midtrain.preflight import check_finetune
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
+from midtrain.train.loggers import build_logger
 from midtrain.train.runtime import (
     PreemptionFlag,
     TrainingRun,
     begin_run,
     build_fabric,
     build_model_and_optimizer,
+    check_tokenizer,
     load_initial_weights,
     resolve_start,
     run_config,
@@ -124,11 +126,15 @@ def setup(
     replay = replay or Replay()
     replay_data = replay.build()
     config = Config.from_file(base / MODEL_CONFIG_FILE)
+    check_finetune(
+        config=config, train=train, eval=eval, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
+        resume=resume, out_dir=out_dir, logger_name=logger_name,
+    )
     hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
     replay.sequences_per_step(train.global_batch_size, fabric.world_size)  # fail before launching
     fabric._loggers = [
-        choose_logger(logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval)
+        build_logger(logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval)
     ]
     fabric.launch(
         main, config, base, tokenizer_dir, data, replay, replay_data, val_data_path or {}, Path(out_dir), train, epochs,
@@ -209,9 +215,10 @@ def main(
         replay_loader = replay_data.train_dataloader()
 
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
-    note = check_shard_tokenizers(tokenizer_dir, [path for _, path in shard_sets] + _replay_shards(replay_data))
-    if note:
-        fabric.print(note)
+    check_tokenizer(
+        fabric, tokenizer_dir, [Path(path) for _, path in shard_sets] + _replay_shards(replay_data),
+        base if start.checkpoint is None else None,
+    )  # fmt: skip
     if not begin_run(fabric, start, end_step):
         return
 
@@ -245,7 +252,7 @@ def main(
         replay_by_source = dict(saved["replay"]["tokens_by_source"])
         if replay_loader is not None and saved["replay"]["loader"]:
             replay_loader.load_state_dict(saved["replay"]["loader"])
-        fabric.print(f"({sft_consumed} SFT samples consumed.)")
+        fabric.print(f"{sft_consumed} SFT samples consumed so far.")
     else:
         load_initial_weights(fabric, model, base)
         fabric.print(f"Fine-tuning {base} (fresh optimizer).")
@@ -274,6 +281,7 @@ def main(
             },
             "tokens": counts,
             "base_checkpoint": str(base),
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         }
         return run.save(step, train_state, reason)
 
@@ -287,6 +295,7 @@ def main(
     last = torch.zeros(2, 3, dtype=torch.float64, device=fabric.device)
     window = torch.zeros_like(last)
     n_sources = len(replay_loader.sources) if replay_loader is not None else 0
+    prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -375,7 +384,7 @@ def main(
             "epochs": sft_consumed / len(train_set),
             "tokens": counts,
             "replay_tokens_by_source": replay_by_source,
-            "train_seconds": time.perf_counter() - t_start,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         },
     )  # fmt: skip
 

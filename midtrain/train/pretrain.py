@@ -3,7 +3,9 @@
 Same shape as ``litgpt pretrain`` (model, data, train, eval, optimizer, devices, ...), plus:
 absolute length in optimizer steps, step-keyed LR schedules, mixture stages, exact resume of the
 data stream, carry-over of stream positions when the mixture changes, several validation sets,
-per-source loss and token logging, atomic checkpoints and SLURM preemption.
+per-source loss and token logging, atomic checkpoints and SLURM preemption. What it shares with
+``finetune`` (resume policy, weights loaded after ``fabric.setup``, checkpoints, validation, the
+end of a run with litgpt's ``final/``) lives in ``midtrain.train.runtime``.
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ from lightning.fabric.utilities.throughput import get_available_flops, measure_f
 from litgpt.config import Config
 from litgpt.model import GPT
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import choose_logger, chunked_cross_entropy
+from litgpt.utils import chunked_cross_entropy
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
-from midtrain.tokenizer_fingerprint import check_shard_tokenizers
+from midtrain.preflight import check_pretrain
 from midtrain.train.args import EvalArgs, TrainArgs
+from midtrain.train.loggers import build_logger
 from midtrain.train.runtime import (
     PreemptionFlag,
     TrainingRun,
     begin_run,
     build_fabric,
     build_model_and_optimizer,
+    check_tokenizer,
     load_initial_weights,
     resolve_start,
     run_config,
@@ -86,6 +90,11 @@ def setup(
         compile: ``torch.compile`` the model.
         preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
     """
+    check_pretrain(
+        model_name=model_name, model_config=model_config, data=data, train=train, eval=eval, devices=devices,
+        num_nodes=num_nodes, accelerator=accelerator, resume=resume, out_dir=out_dir,
+        initial_checkpoint_dir=initial_checkpoint_dir, tokenizer_dir=tokenizer_dir, logger_name=logger_name,
+    )
     if (model_name is None) == (model_config is None):
         raise MidtrainError("Give exactly one of model_name (a litgpt model name) or model_config.")
     if data is None:
@@ -94,7 +103,7 @@ def setup(
     train.validate()
     hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
-    logger = choose_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
+    logger = build_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
     fabric._loggers = [logger]
     fabric.launch(
         main,
@@ -136,10 +145,10 @@ def main(
     schedule = train.schedule()
     start = resolve_start(fabric, resume, out_dir, initial_checkpoint_dir)
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
-    if tokenizer_dir is not None:
-        note = check_shard_tokenizers(tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values()))
-        if note:
-            fabric.print(note)
+    check_tokenizer(
+        fabric, tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values()),
+        initial_checkpoint_dir if start.checkpoint is None else None,
+    )  # fmt: skip
     if not begin_run(fabric, start, end_step):
         return
 
@@ -215,6 +224,7 @@ def main(
             },
             "mixture_history": history,
             "loader": loader.state_dict(),
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         }
         return run.save(step, train_state, reason)
 
@@ -224,6 +234,7 @@ def main(
     # ---- the loop: one iteration = one optimizer step -----------------------------------------
     train_iter = iter(loader)
     sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)  # per type: loss, sequences
+    prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
     t_start = t_window = time.perf_counter()
     window_start_step = step
     while step < end_step:
@@ -318,7 +329,7 @@ def main(
             "tokens_by_source": tokens_by_source,
             "tokens_by_type": _by_type(tokens_by_source, data),
             "mixture_history": history,
-            "train_seconds": time.perf_counter() - t_start,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         },
     )  # fmt: skip
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -25,22 +24,25 @@ from litgpt.pretrain import initialize_weights
 from litgpt.utils import get_default_supported_precision, instantiate_torch_optimizer, num_parameters, parse_devices
 from torch.utils.data import DataLoader
 
+from midtrain import preemption
 from midtrain.errors import MidtrainError
-from midtrain.tokenizer_fingerprint import tokenizer_fingerprint
+from midtrain.preemption import EXIT_PREEMPTED
+from midtrain.tokenizer_fingerprint import check_shard_tokenizers, tokenizer_fingerprint
 from midtrain.train.checkpoints import (
     FINAL_DIR,
     MARKER_FILE,
     MODEL_FILE,
+    TRAIN_STATE_FILE,
     find_latest,
     load_checkpoint,
     prune_checkpoints,
     read_train_state,
+    read_weights_only,
     resolve_resume,
     save_checkpoint,
     save_final,
 )
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the sbatch scripts requeue on it
 BRANCH_FILE = "branch_point.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -61,18 +63,20 @@ def build_fabric(
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     accelerator: str = "auto",
 ) -> L.Fabric:
-    """A Fabric for 1 process, N CPU processes (DDP over gloo) or N GPUs (FSDP by default)."""
+    """A Fabric for 1 process, N CPU processes (DDP over gloo) or N GPUs (FSDP by default; ``strategy: fsdp``
+    also on a single GPU). FSDP shards within a node and replicates across nodes."""
     precision = precision or get_default_supported_precision(training=True)
     devices = parse_devices(devices)
     on_gpu = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
     if strategy == "fsdp" and not on_gpu:
         raise MidtrainError("strategy: fsdp needs GPUs (Lightning runs FSDP on GPUs only); on CPU use ddp or auto.")
     plugins = []
-    if devices * num_nodes == 1:
+    if devices * num_nodes == 1 and strategy != "fsdp":
         chosen = "auto"
         plugins.append(MmapCheckpointIO())
     elif strategy == "fsdp" or (strategy == "auto" and on_gpu):  # FSDP reads full checkpoints lazily itself
-        chosen = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="HYBRID_SHARD")
+        sharding = "FULL_SHARD" if num_nodes == 1 else "HYBRID_SHARD"
+        chosen = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy=sharding)
     else:
         chosen = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo", checkpoint_io=MmapCheckpointIO())
     return L.Fabric(
@@ -144,15 +148,14 @@ class PreemptionFlag:
     """Set by a signal (SLURM sends one before the time limit); read at step boundaries on every rank."""
 
     def __init__(self, signal_name: str | None) -> None:
-        self.requested = False
-        if signal_name:
-            sig = getattr(signal, signal_name, None)
-            if not isinstance(sig, signal.Signals):
-                raise MidtrainError(f"Unknown preemption signal {signal_name!r}; use e.g. SIGUSR1, SIGTERM.")
-            signal.signal(sig, self._handle)
+        if signal_name:  # usually installed already at process start (midtrain.cli.main); a signal since then counts
+            preemption.install(signal_name)
+        else:
+            preemption.uninstall()
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return preemption.requested()
 
     def agreed(self, fabric: L.Fabric) -> bool:
         """True on every rank when any rank got the signal."""
@@ -301,7 +304,8 @@ def begin_run(fabric: L.Fabric, start: Start, end_step: int) -> bool:
             start.out_dir / METRICS_FILE, start.step if start.own else None, drop_final=start.step >= end_step
         )
         if dropped:
-            fabric.print(f"{METRICS_FILE}: removed {dropped} row(s) an earlier attempt logged after step {start.step}.")
+            after = f" after step {start.step}" if start.own else ""
+            fabric.print(f"{METRICS_FILE}: removed {dropped} row(s) an earlier attempt logged{after}.")
     fabric.barrier()
     return True
 
@@ -362,21 +366,38 @@ def build_model_and_optimizer(
     return model, fabric.setup_optimizers(optimizer)
 
 
+def check_tokenizer(
+    fabric: L.Fabric, tokenizer_dir: Path | None, shard_dirs: list[Path], weights_dir: Path | None = None
+) -> None:
+    """Refuse shards (their ``prepare.json``) and starting weights (one of our checkpoints) made with another
+    tokenizer than ``tokenizer_dir``; shards without a manifest get a note."""
+    if tokenizer_dir is None:
+        fabric.print("note: no tokenizer_dir, so the tokenizer the shards were prepared with is not checked.")
+        return
+    if note := check_shard_tokenizers(tokenizer_dir, shard_dirs):
+        fabric.print(note)
+    saved = _read_json(Path(weights_dir) / TRAIN_STATE_FILE) if weights_dir is not None else None
+    recorded = (saved or {}).get("tokenizer") or {}
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    if recorded.get("fingerprint") not in (None, fingerprint):
+        raise MidtrainError(
+            f"{weights_dir} was trained with tokenizer {recorded.get('directory')} (fingerprint "
+            f"{recorded['fingerprint'][:12]}), this run uses {tokenizer_dir} (fingerprint {fingerprint[:12]}); token "
+            "IDs would not mean the same thing. Use the tokenizer the weights were trained with."
+        )
+
+
 def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
     """Model weights from a litgpt checkpoint dir (plain ``lit_model.pth``) or one of ours (``{"model": ...}``).
 
     Call on every rank after ``fabric.setup``, as litgpt does: the strategy loads them (FSDP gathers and
     re-shards; nothing is loaded into a meta model). The file is read with ``weights_only=True``.
     """
-    path = Path(directory) / MODEL_FILE
+    directory = Path(directory)
+    path = directory / MODEL_FILE
     if not path.is_file():
         raise MidtrainError(f"{directory} has no {MODEL_FILE}; point it at a litgpt or midtrain checkpoint directory.")
-    try:
-        head = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise MidtrainError(f"Cannot read {path} as plain weights (weights_only=True): {err}") from err
-    wrapped = isinstance(head.get("model"), dict)
-    del head
+    wrapped = isinstance(read_weights_only(path).get("model"), dict)
     try:
         if wrapped:
             fabric.load(path, {"model": model}, strict=True, weights_only=True)
@@ -384,7 +405,7 @@ def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
             fabric.load_raw(path, model, strict=True, weights_only=True)
     except (KeyError, RuntimeError) as err:
         raise MidtrainError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from err
-    fabric.print(f"Initial weights from {path}.")
+    fabric.print(f"Loaded weights from {path}.")
 
 
 class TrainingRun:
