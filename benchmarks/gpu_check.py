@@ -15,7 +15,9 @@ Every step is the ``midtrain`` CLI in a subprocess, as a user runs it (FSDP by d
    at steps 3 and 4; submitted once more it trains nothing;
 5. ``final/`` opens in ``litgpt generate`` and ``litgpt convert_from_litgpt``.
 
-Prints one table (check, expected, got, PASS/FAIL) and exits 1 if any check fails.
+On one GPU, ``--strategy fsdp`` (the default) still runs FSDP (meta-device model, weights loaded after
+setup); several GPUs also shard. Prints one table (check, expected, got, PASS/FAIL) and exits 1 if any
+check fails; the logs of every command stay in the work directory when ``--work`` is given.
 """
 
 from __future__ import annotations

@@ -273,6 +273,9 @@ _NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "P
 
 def condense(message: str) -> str:
     """jsonargparse's error as ``dotted.key: what is wrong`` in one line."""
+    required = re.search(r'Key "([^"]+)" is required', message)
+    if required:
+        return f"--{required.group(1)} is required (in the config or on the command line)"
     keys = re.findall(r'Parser key "([^"]+)"', message)
     if "Problem with given class_path" in message and len(keys) > 1:
         key = keys[0] + ".init_args." + ".".join(keys[1:])

@@ -29,7 +29,8 @@ def closest(name: str, choices: list[str]) -> str:
 
 
 def unknown_key(where: str, key: str, valid: list[str]) -> MidtrainError:
-    return MidtrainError(f"{where}{key}: unknown field{closest(key, valid)}. Valid fields: {', '.join(sorted(valid))}.")
+    what = "field" if where else "option"
+    return MidtrainError(f"{where}{key}: unknown {what}{closest(key, valid)}. Valid: {', '.join(sorted(valid))}.")
 
 
 def _hints(obj: Callable) -> dict[str, Any]:
@@ -61,6 +62,17 @@ def import_class(path: str) -> Any:
         return None
 
 
+def _subclass_named(name: str, bases: list[type]) -> type | None:
+    """A short ``class_path`` (``JSON``) names a subclass of the option's type, as jsonargparse resolves it."""
+    todo = list(bases)
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None
+
+
 def _members(hint: Any) -> list[Any]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return [m for a in typing.get_args(hint) for m in _members(a)]
@@ -82,7 +94,7 @@ def check_value(where: str, value: Any, hint: Any) -> None:
     if len(sections) == 1 and "class_path" not in value:
         check_section(where + ".", value, sections[0])
     elif classes and "class_path" in value:
-        cls = import_class(str(value["class_path"]))
+        cls = import_class(str(value["class_path"])) or _subclass_named(str(value["class_path"]), classes)
         if cls is None:
             raise MidtrainError(f"{where}.class_path: cannot import {value['class_path']!r}.")
         if not any(issubclass(cls, c) for c in classes if inspect.isclass(c)):

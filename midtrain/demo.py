@@ -68,18 +68,19 @@ class SFTRun:
 
 
 class Progress:
-    """``[demo i/N]`` lines; each phase's wall and CPU seconds are printed and kept for the report."""
+    """``[demo i/N]`` lines; each phase's wall and CPU seconds (its own and its worker runs') are printed and kept."""
 
     def __init__(self, total: int) -> None:
         self.total, self.index, self.timings = total, 0, []
         self._start = time.perf_counter()
         self._open: tuple[str, float, float] | None = None
+        self.worker_cpu = 0.0
 
     def phase(self, text: str) -> None:
         self.end()
         self.index += 1
         print(f"\n[demo {self.index}/{self.total}] {text}", flush=True)
-        self._open = (text, time.perf_counter(), time.process_time())
+        self._open, self.worker_cpu = (text, time.perf_counter(), time.process_time()), 0.0
 
     def step(self, i: int, n: int, text: str) -> None:
         print(f"[demo {self.index}/{self.total}] ({i}/{n}) {text}", flush=True)
@@ -87,7 +88,7 @@ class Progress:
     def end(self) -> None:
         if self._open is not None:
             text, wall, cpu = self._open
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu + self.worker_cpu
             self.timings.append((self.index, text, wall, cpu))
             print(f"[demo {self.index}/{self.total}] done: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
             self._open = None
@@ -197,6 +198,7 @@ def _run_jobs(pool: ProcessPoolExecutor, processes: int, threads: int, jobs: lis
                     other.cancel()
                 raise MidtrainError(f"demo job {job.name} failed ({err}); its output: {logs / job.name}.log") from err
             wall, cpu = timings[job.name]
+            progress.worker_cpu += cpu
             progress.step(len(timings), len(jobs), f"done {job.name} in {wall:.0f} s ({cpu:.0f} s CPU)")
     return timings
 
@@ -517,7 +519,10 @@ def _demo_sections(sft: dict, scored: dict, sft_sequences: int, budgets: dict, s
     if efficiency is not None:
         fit = efficiency["fit"]
         lines += [f"Fit: loss(x) = {fit['A']:.6g} / x^{fit['B']:.4g} + {fit['C']:.4g} (rmse {fit['rmse']:.3g}, "
-                  f"{fit['points']} points).", ""]  # fmt: skip
+                  f"{fit['points']} points)."
+                  + (" Three points determine the three parameters exactly, so the rmse says nothing about how "
+                     "well the law describes these runs; more amounts of target data would test it."
+                     if fit["points"] == 3 else ""), ""]  # fmt: skip
         lines += C.markdown_table(["method", "target examples x", "loss", "fit at x", "effective x", "multiplier"],
                                   [[r["method"], f"{r['x']:g}", f"{r['loss']:.4f}", f"{r['fit_loss']:.4f}",
                                     f"{r['effective_x']:.4g}", C.times(r["multiplier"])] for r in efficiency["rows"]])
@@ -525,11 +530,10 @@ def _demo_sections(sft: dict, scored: dict, sft_sequences: int, budgets: dict, s
     else:
         lines += [f"The fit failed: {eff_error}", ""]
     lines += ["## Timings", "",
-              f"Per phase: wall seconds, and CPU seconds of the demo's own process (the runs of phases 2-3 train in "
-              f"{processes} worker process(es) with {threads} torch thread(s) each; their CPU time is in the table "
-              "below). The report phase is not included. Wall time well above CPU time means other processes "
-              "shared the cores.", ""]  # fmt: skip
-    lines += C.markdown_table(["phase", "what", "wall s", "CPU s (demo process)"],
+              f"Per phase: wall seconds and CPU seconds (the demo's process and its {processes} worker process(es), "
+              f"which train with {threads} torch thread(s) each). The report phase is not included. Wall time well "
+              f"above CPU time / {processes} means other processes shared the cores.", ""]  # fmt: skip
+    lines += C.markdown_table(["phase", "what", "wall s", "CPU s"],
                               [[i, text, f"{wall:.0f}", f"{cpu:.0f}"] for i, text, wall, cpu in progress.timings])
     lines += ["", "Per run (train, then evaluate, in one worker process):", ""]
     lines += C.markdown_table(["run", "wall s", "CPU s"],

@@ -120,7 +120,7 @@ def check_data(data: Any, train: TrainArgs, seq_len: int) -> None:
         for row in stage.mixture.active:
             row.shard.check_block_size(seq_len + 1)
     for name, path in data.val_paths.items():
-        load_shard(name, "val", path).check_block_size(seq_len + 1)
+        load_shard(name, "val", path, data.storage_options).check_block_size(seq_len + 1)
 
 
 def check_resume(resume: Any, out_dir: Path | str, initial_checkpoint_dir: Path | str | None = None) -> None:

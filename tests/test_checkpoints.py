@@ -24,6 +24,7 @@ from midtrain.train.checkpoints import (
     save_checkpoint,
     save_final,
 )
+from midtrain.train.runtime import truncate_metrics
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32, padded_vocab_size=32)
 TRAIN_STATE = {
@@ -330,3 +331,16 @@ def test_kill_9_during_save_resumes_from_last_complete(tmp_path, second_step, pa
         # the next save cleans up the interrupted one
         save(fabric, model, optimizer, out_dir, 3)
         assert sorted(os.listdir(out_dir)) == ["step-00000001", "step-00000003"]
+
+
+def test_truncate_metrics_keeps_rows_up_to_the_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "val/a/loss": 2.5},
+            {"step": 3, "loss": 1.0}, {"step": 3, "val/a/loss": 1.5, "final": True}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # a line cut by a kill
+    assert truncate_metrics(path, 3) == 1
+    assert truncate_metrics(path, 3, drop_final=True) == 1  # the end phase of step 3 runs again
+    assert truncate_metrics(path, 2) == 1
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3]
+    assert truncate_metrics(path, None) == 3 and path.read_text() == ""
+    assert truncate_metrics(tmp_path / "missing.jsonl", 5) == 0

@@ -80,7 +80,7 @@ CASES: dict[str, tuple[dict | None, list[str], list[str], str]] = {
                            "inspect"),
     "seq_len_over_block": ({"train": {"max_seq_length": 100}}, [], ["max_seq_length=100", "block_size is 64"],
                            "inspect"),
-    "unknown_top_level": ({"bogus_option": 1}, [], ["bogus_option: unknown field"], "inspect"),
+    "unknown_top_level": ({"bogus_option": 1}, [], ["bogus_option: unknown option"], "inspect"),
     "train_key_typo": ({"train": {"max_step": 5}}, [], ["train.max_step", "did you mean 'max_steps'"], "inspect"),
     "data_key_typo": (data("mix_weight_str", "main:1"), [], ["data.init_args.mix_weight_str",
                                                              "did you mean 'mix_weights_str'"], "inspect"),
@@ -113,6 +113,7 @@ CASES: dict[str, tuple[dict | None, list[str], list[str], str]] = {
     "pretrain_batch_before_weights": ({}, ["--train.global_batch_size", "7"], ["global_batch_size=7"], "pretrain"),
     "yaml_syntax": (None, [], ["not valid YAML", "line"], "inspect"),
     "config_file_missing": (None, [], ["--config", "no such file"], "inspect"),
+    "required_option_missing": (None, [], ["--checkpoint_dir is required"], "finetune"),
 }
 
 
@@ -171,6 +172,8 @@ def results(tmp_path_factory) -> dict[str, dict]:
         config = root / "config.yaml"
         if name == "yaml_syntax":
             config.write_text("train:\n  max_steps: [1, 2\n")
+        elif name == "required_option_missing":
+            config.write_text(yaml.safe_dump({"out_dir": str(root / "out")}))
         elif name != "config_file_missing":
             config.write_text(yaml.safe_dump(merge(base(root), patch)))
         cases[name] = (root, [command, "--config", str(config), *extra])

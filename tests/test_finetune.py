@@ -139,8 +139,9 @@ def val_loss(weights: Path, shard: Path, max_samples: int) -> float:
     model.load_state_dict(torch.load(weights / "lit_model.pth", weights_only=True)["model"])
     total, count = 0.0, 0
     with torch.no_grad():
-        for window in ValWindows(shard, SEQ + 1, max_samples, masked=False):
-            window = window.long()
+        windows = ValWindows(shard, SEQ + 1, max_samples, masked=False)
+        for i in range(len(windows)):
+            window = windows[i].long()
             total += F.cross_entropy(model(window[None, :-1])[0], window[1:], reduction="sum").item()
             count += SEQ
     return total / count

@@ -131,7 +131,7 @@ def test_litgpt_field_names_are_translated_with_a_note(tree: Path, tmp_path: Pat
     cfg = {
         "model_config": {"name": "t", "block_size": 64, "vocab_size": 256, "padded_vocab_size": 256, "n_layer": 1,
                          "n_head": 2, "n_embd": 16},
-        "data": {"class_path": "midtrain.data.ShardedMixedDataset",
+        "data": {"class_path": "ShardedMixedDataset",  # a short class_path, as jsonargparse resolves it
                  "init_args": {"data_path": str(tree), "mix_weights_str": "main:1", "num_workers": 0}},
         "train": {"max_tokens": 100_000, "global_batch_size": 8, "micro_batch_size": 2, "max_seq_length": 32},
         "eval": {"max_iters": 5, "max_new_tokens": 50},

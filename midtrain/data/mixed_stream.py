@@ -211,5 +211,6 @@ class MixedLoader(DataLoader):
                     "batch size, number of processes and micro-batch size."
                 )
             served = int(into[0])
+        restored.blend(len(restored.generations) - 1)  # computed once here; workers get it with the stream
         stream.order, stream.start, self.served = restored, consumed, served
         self.shards_seen = {**state["shards"], **self.shards_seen}

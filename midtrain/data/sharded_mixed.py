@@ -264,6 +264,8 @@ class ValWindows(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)  # ends plain iteration over the dataset
         pad = i >= len(self.indices)
         window = self.dataset[0 if pad else self.indices[i]]
         if not self.masked:

@@ -41,7 +41,6 @@ from litgpt.config import Config
 from litgpt.data.base import SFTDataset, get_sft_collate_fn
 from litgpt.model import GPT
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import load_checkpoint
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -50,7 +49,7 @@ from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.train.checkpoints import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, is_complete, read_train_state
-from midtrain.train.runtime import PreemptionFlag, build_fabric, sequence_losses
+from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights, sequence_losses
 
 COLUMNS = ("checkpoint", "step", "tokens_seen", "set", "loss", "ppl", "n_tokens")
 _STEP_NAME = re.compile(r"step-(\d+)")
@@ -246,10 +245,7 @@ def load_model(fabric: L.Fabric, checkpoint: Checkpoint, seq_len: int) -> torch.
         model = GPT(config)
     model.max_seq_length = seq_len
     model = fabric.setup_module(model)
-    try:
-        load_checkpoint(fabric, model, checkpoint.path / MODEL_FILE)
-    except (KeyError, RuntimeError) as err:
-        raise MidtrainError(f"{checkpoint.path / MODEL_FILE} does not fit its {MODEL_CONFIG_FILE}: {err}") from err
+    load_initial_weights(fabric, model, checkpoint.path)  # after setup, weights_only=True, FSDP-safe
     return model.eval()
 
 

@@ -10,9 +10,10 @@ the sequences of every optimizer step come from pretraining shards (layout: ``mi
 * **Length.** ``train.max_steps`` optimizer steps, or ``epochs`` over the SFT training split:
   ``max_steps = ceil(epochs * n_train / sft_sequences_per_step)``. Epochs run back to back (a step
   may straddle two), each a fresh seeded permutation (``midtrain.data.sft``).
-* **State.** Optimizer state is not taken from the pretraining checkpoint. A checkpoint of this
-  run holds model, optimizer, step, SFT samples consumed and every process's replay-stream state,
-  so ``resume`` continues exactly (the same per-step losses as an uninterrupted run).
+* **State.** The starting weights are loaded after ``fabric.setup`` (FSDP-safe); optimizer state is
+  not taken from them. A checkpoint of this run holds model, optimizer, step, SFT samples consumed
+  and the replay-stream state, so a requeue continues exactly (the same per-step losses as an
+  uninterrupted run); resume policy, checkpoints and ``final/`` as in ``midtrain.train.runtime``.
 * **Validation.** ``val/sft/loss`` on the data module's validation split and ``val/<name>/loss``
   on pretraining-shard sets (``val_data_path`` and ``replay.data.val_data_path``), at
   ``eval.interval`` and at the end.
@@ -39,7 +40,6 @@ from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.preflight import check_finetune
-from midtrain.tokenizer_fingerprint import check_shard_tokenizers
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
 from midtrain.train.loggers import build_logger
@@ -49,7 +49,7 @@ from midtrain.train.runtime import (
     begin_run,
     build_fabric,
     build_model_and_optimizer,
-    check_weights_tokenizer,
+    check_tokenizer,
     load_initial_weights,
     resolve_start,
     run_config,
@@ -215,11 +215,10 @@ def main(
         replay_loader = replay_data.train_dataloader()
 
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
-    note = check_shard_tokenizers(tokenizer_dir, [path for _, path in shard_sets] + _replay_shards(replay_data))
-    if note:
-        fabric.print(note)
-    if start.checkpoint is None:
-        check_weights_tokenizer(base, tokenizer_dir)
+    check_tokenizer(
+        fabric, tokenizer_dir, [Path(path) for _, path in shard_sets] + _replay_shards(replay_data),
+        base if start.checkpoint is None else None,
+    )  # fmt: skip
     if not begin_run(fabric, start, end_step):
         return
 
@@ -253,7 +252,7 @@ def main(
         replay_by_source = dict(saved["replay"]["tokens_by_source"])
         if replay_loader is not None and saved["replay"]["loader"]:
             replay_loader.load_state_dict(saved["replay"]["loader"])
-        fabric.print(f"({sft_consumed} SFT samples consumed.)")
+        fabric.print(f"{sft_consumed} SFT samples consumed so far.")
     else:
         load_initial_weights(fabric, model, base)
         fabric.print(f"Fine-tuning {base} (fresh optimizer).")
@@ -376,7 +375,7 @@ def main(
 
     run.finish(
         step, save, eval.final_validation,
-        {
+        lambda: {
             "max_steps": train.max_steps,
             "base_checkpoint": str(base),
             "replay_ratio": replay.ratio,

@@ -3,7 +3,9 @@
 Same shape as ``litgpt pretrain`` (model, data, train, eval, optimizer, devices, ...), plus:
 absolute length in optimizer steps, step-keyed LR schedules, mixture stages, exact resume of the
 data stream, carry-over of stream positions when the mixture changes, several validation sets,
-per-source loss and token logging, atomic checkpoints and SLURM preemption.
+per-source loss and token logging, atomic checkpoints and SLURM preemption. What it shares with
+``finetune`` (resume policy, weights loaded after ``fabric.setup``, checkpoints, validation, the
+end of a run with litgpt's ``final/``) lives in ``midtrain.train.runtime``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from litgpt.utils import chunked_cross_entropy
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
 from midtrain.preflight import check_pretrain
-from midtrain.tokenizer_fingerprint import check_shard_tokenizers
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.loggers import build_logger
 from midtrain.train.runtime import (
@@ -32,7 +33,7 @@ from midtrain.train.runtime import (
     begin_run,
     build_fabric,
     build_model_and_optimizer,
-    check_weights_tokenizer,
+    check_tokenizer,
     load_initial_weights,
     resolve_start,
     run_config,
@@ -144,12 +145,10 @@ def main(
     schedule = train.schedule()
     start = resolve_start(fabric, resume, out_dir, initial_checkpoint_dir)
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
-    if tokenizer_dir is None:
-        fabric.print("note: no tokenizer_dir, so the tokenizer the shards were prepared with is not checked.")
-    elif note := check_shard_tokenizers(tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values())):
-        fabric.print(note)
-    if start.checkpoint is None and initial_checkpoint_dir is not None:
-        check_weights_tokenizer(initial_checkpoint_dir, tokenizer_dir)
+    check_tokenizer(
+        fabric, tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values()),
+        initial_checkpoint_dir if start.checkpoint is None else None,
+    )  # fmt: skip
     if not begin_run(fabric, start, end_step):
         return
 
@@ -324,7 +323,7 @@ def main(
 
     run.finish(
         step, save, eval.final_validation,
-        {
+        lambda: {
             "max_steps": train.max_steps,
             "tokens_seen": sum(tokens_by_source.values()),
             "tokens_by_source": tokens_by_source,

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from midtrain import preemption
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
-from midtrain.tokenizer_fingerprint import tokenizer_fingerprint
+from midtrain.tokenizer_fingerprint import check_shard_tokenizers, tokenizer_fingerprint
 from midtrain.train.checkpoints import (
     FINAL_DIR,
     MARKER_FILE,
@@ -63,18 +63,20 @@ def build_fabric(
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     accelerator: str = "auto",
 ) -> L.Fabric:
-    """A Fabric for 1 process, N CPU processes (DDP over gloo) or N GPUs (FSDP by default)."""
+    """A Fabric for 1 process, N CPU processes (DDP over gloo) or N GPUs (FSDP by default; ``strategy: fsdp``
+    also on a single GPU). FSDP shards within a node and replicates across nodes."""
     precision = precision or get_default_supported_precision(training=True)
     devices = parse_devices(devices)
     on_gpu = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
     if strategy == "fsdp" and not on_gpu:
         raise MidtrainError("strategy: fsdp needs GPUs (Lightning runs FSDP on GPUs only); on CPU use ddp or auto.")
     plugins = []
-    if devices * num_nodes == 1:
+    if devices * num_nodes == 1 and strategy != "fsdp":
         chosen = "auto"
         plugins.append(MmapCheckpointIO())
     elif strategy == "fsdp" or (strategy == "auto" and on_gpu):  # FSDP reads full checkpoints lazily itself
-        chosen = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="HYBRID_SHARD")
+        sharding = "FULL_SHARD" if num_nodes == 1 else "HYBRID_SHARD"
+        chosen = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy=sharding)
     else:
         chosen = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo", checkpoint_io=MmapCheckpointIO())
     return L.Fabric(
@@ -302,7 +304,8 @@ def begin_run(fabric: L.Fabric, start: Start, end_step: int) -> bool:
             start.out_dir / METRICS_FILE, start.step if start.own else None, drop_final=start.step >= end_step
         )
         if dropped:
-            fabric.print(f"{METRICS_FILE}: removed {dropped} row(s) an earlier attempt logged after step {start.step}.")
+            after = f" after step {start.step}" if start.own else ""
+            fabric.print(f"{METRICS_FILE}: removed {dropped} row(s) an earlier attempt logged{after}.")
     fabric.barrier()
     return True
 
@@ -363,15 +366,22 @@ def build_model_and_optimizer(
     return model, fabric.setup_optimizers(optimizer)
 
 
-def check_weights_tokenizer(directory: Path, tokenizer_dir: Path | None) -> None:
-    """Refuse starting weights that one of our runs trained with another tokenizer than ``tokenizer_dir``."""
-    recorded = (_read_json(Path(directory) / TRAIN_STATE_FILE) or {}).get("tokenizer") or {}
-    if tokenizer_dir is None or recorded.get("fingerprint") is None:
+def check_tokenizer(
+    fabric: L.Fabric, tokenizer_dir: Path | None, shard_dirs: list[Path], weights_dir: Path | None = None
+) -> None:
+    """Refuse shards (their ``prepare.json``) and starting weights (one of our checkpoints) made with another
+    tokenizer than ``tokenizer_dir``; shards without a manifest get a note."""
+    if tokenizer_dir is None:
+        fabric.print("note: no tokenizer_dir, so the tokenizer the shards were prepared with is not checked.")
         return
+    if note := check_shard_tokenizers(tokenizer_dir, shard_dirs):
+        fabric.print(note)
+    saved = _read_json(Path(weights_dir) / TRAIN_STATE_FILE) if weights_dir is not None else None
+    recorded = (saved or {}).get("tokenizer") or {}
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    if recorded["fingerprint"] != fingerprint:
+    if recorded.get("fingerprint") not in (None, fingerprint):
         raise MidtrainError(
-            f"{directory} was trained with tokenizer {recorded.get('directory')} (fingerprint "
+            f"{weights_dir} was trained with tokenizer {recorded.get('directory')} (fingerprint "
             f"{recorded['fingerprint'][:12]}), this run uses {tokenizer_dir} (fingerprint {fingerprint[:12]}); token "
             "IDs would not mean the same thing. Use the tokenizer the weights were trained with."
         )
@@ -395,7 +405,7 @@ def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
             fabric.load_raw(path, model, strict=True, weights_only=True)
     except (KeyError, RuntimeError) as err:
         raise MidtrainError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from err
-    fabric.print(f"Initial weights from {path}.")
+    fabric.print(f"Loaded weights from {path}.")
 
 
 class TrainingRun:
@@ -473,8 +483,11 @@ class TrainingRun:
         self.fabric.barrier()
         sys.exit(EXIT_PREEMPTED)
 
-    def finish(self, step: int, save: Callable[[str], Path], final_validation: bool, summary: dict) -> None:
-        """End of the run: the last checkpoint, the final validation, litgpt's ``final/``, ``summary.json``."""
+    def finish(
+        self, step: int, save: Callable[[str], Path], final_validation: bool, summary: Callable[[], dict]
+    ) -> None:
+        """End of the run: the last checkpoint, the final validation, litgpt's ``final/``, ``summary.json``
+        (``summary()`` is taken last, so its figures include the end)."""
         last = save("end") if step > self.start.step else self.start.checkpoint
         if final_validation and self.val_loaders:
             self.validate(step, final=True)
@@ -486,7 +499,7 @@ class TrainingRun:
             write_json(
                 self.out_dir / SUMMARY_FILE,
                 {"step": step, "final_checkpoint": str(last), "final": str(final), "branch_point": self.start.branch,
-                 **summary, "val": self.val_losses},
+                 **summary(), "val": self.val_losses},
             )  # fmt: skip
         self.fabric.barrier()
 
