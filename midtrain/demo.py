@@ -519,7 +519,10 @@ def _demo_sections(sft: dict, scored: dict, sft_sequences: int, budgets: dict, s
     if efficiency is not None:
         fit = efficiency["fit"]
         lines += [f"Fit: loss(x) = {fit['A']:.6g} / x^{fit['B']:.4g} + {fit['C']:.4g} (rmse {fit['rmse']:.3g}, "
-                  f"{fit['points']} points).", ""]  # fmt: skip
+                  f"{fit['points']} points)."
+                  + (" Three points determine the three parameters exactly, so the rmse says nothing about how "
+                     "well the law describes these runs; more amounts of target data would test it."
+                     if fit["points"] == 3 else ""), ""]  # fmt: skip
         lines += C.markdown_table(["method", "target examples x", "loss", "fit at x", "effective x", "multiplier"],
                                   [[r["method"], f"{r['x']:g}", f"{r['loss']:.4f}", f"{r['fit_loss']:.4f}",
                                     f"{r['effective_x']:.4g}", C.times(r["multiplier"])] for r in efficiency["rows"]])

@@ -277,6 +277,8 @@ def test_two_task_job_preempted_ends_75_as_a_whole_and_resumes(cluster, array):
     assert logged_steps(out) == list(range(1, 41))
     state_ = json.loads(sorted(out.glob("step-*/train_state.json"))[-1].read_text())
     assert state_["world_size"] == 2 and state_["step"] == 40
+    single = losses(cluster.root / "out/tiny/pretrain")  # the array's uninterrupted run: same global batch, 1 process
+    assert losses(out) == pytest.approx(single, rel=1e-5)
 
 
 def test_finetune_and_evaluate_jobs(cluster, array):

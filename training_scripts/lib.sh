@@ -182,6 +182,15 @@ job_layout() {
     echo "${devices:-1} ${nodes:-1}"
 }
 
+# wait_child PID: wait for a background child through any trapped signals; its exit status, or 255 when
+# bash lost it (wait gives -1 when the trap interrupted it just as the child ended).
+wait_child() {
+    local rc=0
+    while kill -0 "$1" 2>/dev/null; do wait "$1" || true; done  # a trapped signal interrupts wait early
+    wait "$1" || rc=$?  # bash keeps the status of a reaped child
+    return $(( rc & 255 ))
+}
+
 # requeue_task: requeue exactly this array task (SLURM_JOB_ID of an array's last task is the array's ID).
 requeue_task() {
     local id="${SLURM_JOB_ID:?SLURM_JOB_ID is not set}"
@@ -207,10 +216,7 @@ run_task() {
     child=$!
     # shellcheck disable=SC2064
     trap "note 'the batch shell got SIG$PREEMPT_SIGNAL (--signal=B:...): forwarding it to the job step'; kill -$PREEMPT_SIGNAL $child 2>/dev/null || true" "$PREEMPT_SIGNAL"
-    while :; do
-        wait "$child" && rc=0 || rc=$?
-        kill -0 "$child" 2>/dev/null || break  # a trapped signal interrupted wait; the step still runs
-    done
+    wait_child "$child" && rc=0 || rc=$?
     trap - "$PREEMPT_SIGNAL"
     if [[ -f "$marker" ]] || (( rc == EXIT_PREEMPTED )); then
         rm -f "$marker"

@@ -48,13 +48,10 @@ child=""
 trap 'PREEMPT_RECEIVED=1; [[ -z "$child" ]] || kill "-$PREEMPT_SIGNAL" "$child" 2>/dev/null || true' "$PREEMPT_SIGNAL"
 "$@" &
 child=$!
-rc=0
-while :; do
-    wait "$child" && rc=0 || rc=$?
-    kill -0 "$child" 2>/dev/null || break  # a trapped signal interrupted wait; the command still runs
-done
+wait_child "$child" && rc=0 || rc=$?
 killed_by_signal=$((128 + $(kill -l "$PREEMPT_SIGNAL")))
-if (( rc == EXIT_PREEMPTED )) || (( PREEMPT_RECEIVED && rc == killed_by_signal )); then
+# 255: bash lost the status when the trap interrupted its wait just as the command died of the signal
+if (( rc == EXIT_PREEMPTED )) || (( PREEMPT_RECEIVED && (rc == killed_by_signal || rc == 255) )); then
     (( rc == EXIT_PREEMPTED )) \
         || note "task ${SLURM_PROCID:-0}: SIG$PREEMPT_SIGNAL arrived before midtrain installed its handler; nothing to save"
     mkdir -p "$(dirname "$marker")"; touch "$marker"

@@ -401,7 +401,7 @@ def main(
 
     run.finish(
         step, save, eval.final_validation,
-        {
+        lambda: {
             "max_steps": train.max_steps,
             "base_checkpoint": str(base),
             "replay_ratio": replay.ratio,

@@ -327,7 +327,7 @@ def main(
 
     run.finish(
         step, save, eval.final_validation,
-        {
+        lambda: {
             "max_steps": train.max_steps,
             "tokens_seen": sum(tokens_by_source.values()),
             "tokens_by_source": tokens_by_source,

@@ -507,8 +507,11 @@ class TrainingRun:
         self.fabric.barrier()
         sys.exit(EXIT_PREEMPTED)
 
-    def finish(self, step: int, save: Callable[[str], Path], final_validation: bool, summary: dict) -> None:
-        """End of the run: the last checkpoint, the final validation, litgpt's ``final/``, ``summary.json``."""
+    def finish(
+        self, step: int, save: Callable[[str], Path], final_validation: bool, summary: Callable[[], dict]
+    ) -> None:
+        """End of the run: the last checkpoint, the final validation, litgpt's ``final/``, ``summary.json``
+        (``summary()`` is taken last, so its figures include the end)."""
         last = save("end") if step > self.start.step else self.start.checkpoint
         if final_validation and self.val_loaders:
             self.validate(step, final=True)
@@ -520,7 +523,7 @@ class TrainingRun:
             write_json(
                 self.out_dir / SUMMARY_FILE,
                 {"step": step, "final_checkpoint": str(last), "final": str(final), "branch_point": self.start.branch,
-                 **summary, "val": self.val_losses},
+                 **summary(), "val": self.val_losses},
             )  # fmt: skip
         self.fabric.barrier()
 
