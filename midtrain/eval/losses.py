@@ -49,7 +49,8 @@ from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.train.checkpoints import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, is_complete, read_train_state
-from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights, sequence_losses
+from midtrain.train.loss import micro_batch_loss
+from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights
 
 COLUMNS = ("checkpoint", "step", "tokens_seen", "set", "loss", "ppl", "n_tokens")
 _STEP_NAME = re.compile(r"step-(\d+)")
@@ -227,8 +228,8 @@ def loss_sum_and_count(fabric: L.Fabric, model: torch.nn.Module, loader: DataLoa
     """Summed token loss and number of scored tokens over ``loader``, all-reduced over ranks."""
     total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
     for inputs, targets in loader:
-        loss_sum, count = sequence_losses(model(inputs.to(fabric.device)), targets.to(fabric.device))
-        total += torch.stack([loss_sum.sum().double(), count.sum().double()])
+        loss = micro_batch_loss(model(inputs.to(fabric.device)), targets.to(fabric.device))
+        total += torch.stack([loss.total.double(), loss.scored.double()])
     total = fabric.all_reduce(total, reduce_op="sum")
     return float(total[0]), int(total[1])
 
