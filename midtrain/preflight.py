@@ -21,7 +21,7 @@ from midtrain.data.mixture import MixtureSpec, load_mix_config
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.train.args import EvalArgs, TrainArgs
-from midtrain.train.checkpoints import find_latest, resolve_resume
+from midtrain.train.checkpoints import own_checkpoint, resolve_resume
 
 LOGGER_PACKAGES = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),
@@ -125,14 +125,8 @@ def check_data(data: Any, train: TrainArgs, seq_len: int) -> None:
 
 def check_resume(resume: Any, out_dir: Path | str, initial_checkpoint_dir: Path | str | None = None) -> None:
     """The resume target exists and is complete (a run's own newest checkpoint takes precedence, as in pretrain)."""
-    own = find_latest(out_dir) if Path(out_dir).is_dir() else None
-    if own is None:
+    if own_checkpoint(out_dir, resume) is None:
         resolve_resume(resume, out_dir)
-    elif resume is None or resume is False:
-        raise MidtrainError(
-            f"{out_dir} already holds checkpoints (newest {own.name}) and resume is false; use resume: auto "
-            "to continue that run, or another out_dir to start a new one."
-        )
     if initial_checkpoint_dir is not None:
         path = Path(initial_checkpoint_dir).expanduser()
         if not (path / "lit_model.pth").is_file():

@@ -98,6 +98,20 @@ def find_latest(out_dir: Path | str) -> Path | None:
     return complete[max(complete)] if complete else None
 
 
+def own_checkpoint(out_dir: Path | str, resume: bool | Literal["auto"] | Path | str | None) -> Path | None:
+    """``out_dir``'s newest complete checkpoint, which a run continues whatever ``resume`` names; None if none.
+
+    ``resume: false`` next to such a checkpoint is refused: a fresh start would train over it.
+    """
+    own = find_latest(out_dir)
+    if own is not None and (resume is None or resume is False):
+        raise MidtrainError(
+            f"{out_dir} already holds checkpoints (newest {own.name}) and resume is false; use resume: auto "
+            "(the default) to continue that run, or another out_dir to start a new one."
+        )
+    return own
+
+
 def resolve_resume(resume: bool | Literal["auto"] | Path | str | None, out_dir: Path | str) -> Path | None:
     """The checkpoint directory to resume from, or None to start fresh.
 

@@ -32,8 +32,8 @@ from midtrain.train.checkpoints import (
     MARKER_FILE,
     MODEL_FILE,
     TRAIN_STATE_FILE,
-    find_latest,
     load_checkpoint,
+    own_checkpoint,
     prune_checkpoints,
     read_train_state,
     read_weights_only,
@@ -246,13 +246,8 @@ def resolve_start(
     The branch point (the step and checkpoint the run began from) is kept in ``branch_point.json``
     and in every checkpoint; ``train.max_additional_steps`` counts from it.
     """
-    own = find_latest(out_dir)
+    own = own_checkpoint(out_dir, resume)
     if own is not None:
-        if resume is None or resume is False:
-            raise MidtrainError(
-                f"{out_dir} already holds checkpoints (newest {own.name}) and resume is false; use resume: auto "
-                "(the default) to continue that run, or another out_dir to start a new one."
-            )
         named = Path(resume).expanduser().resolve() if resume not in ("auto", True) else None
         if named is not None and named not in (own.resolve(), (own / MODEL_FILE).resolve()):
             fabric.print(f"{out_dir} already has checkpoint {own.name}: continuing it, not starting from {resume}.")
