@@ -134,9 +134,6 @@ def inspect(data: ShardedMixedDataset | None = None, train: TrainArgs | None = N
     )
     seq_len = train.max_seq_length or config.block_size
     tokens_per_step = train.global_batch_size * seq_len
-    for stage in data.stage_list:
-        for row in stage.mixture.active:
-            row.shard.check_block_size(seq_len + 1)
     print(f"data_path: {data.data_path} ({len(data.shards)} shards, {sum(s.tokens for s in data.shards):,} tokens)")
     print(f"run: {train.max_steps:,} steps x {train.global_batch_size} sequences x {seq_len} tokens = "
           f"{train.max_steps * tokens_per_step:,} tokens")

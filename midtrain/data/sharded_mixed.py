@@ -151,14 +151,16 @@ class ShardedMixedDataset(DataModule):
         index = max(i for i, s in enumerate(self.stage_list) if s.at_step <= step)
         return index, self.stage_list[index]
 
-    def order(self, upto_stage: int | None = None) -> DataOrder:
-        """The data order of a fresh run: one generation per stage (up to ``upto_stage``), each starting at its
-        step's first global index (needs ``connect`` with ``global_batch_size``)."""
+    def _layouts(self) -> dict[str, tuple[int, ...]]:
+        """Samples per chunk of every shard at the connected block size."""
+        return {s.id: tuple(d // self.block_size for d in s.chunk_dims) for s in self.shards}
+
+    def order(self) -> DataOrder:
+        """The data order of a fresh run: one generation per stage, each starting at its step's first global
+        index (needs ``connect`` with ``global_batch_size``)."""
         self._require_connected()
-        layouts = {s.id: tuple(d // self.block_size for d in s.chunk_dims) for s in self.shards}
-        order = DataOrder(self.seed, layouts, [])
-        last = len(self.stage_list) - 1 if upto_stage is None else upto_stage
-        for i, stage in enumerate(self.stage_list[: last + 1]):
+        order = DataOrder(self.seed, self._layouts(), [])
+        for i, stage in enumerate(self.stage_list):
             start = stage.at_step * (self.global_batch_size or 0)
             order.add_generation(start, stage.mixture.weights_by_id(), self.blend,
                                  reason="start" if i == 0 else f"stage {i}")
@@ -177,11 +179,10 @@ class ShardedMixedDataset(DataModule):
         ranks = RankSlice(self.global_batch_size or world * self.batch_size, world, rank, self.batch_size)
         index, stage = self.stage_at(step)
         weights = stage.mixture.weights_by_id()
-        layouts = {s.id: tuple(d // self.block_size for d in s.chunk_dims) for s in self.shards}
         start = step * ranks.global_batch
-        order = DataOrder(self.seed, layouts, [Generation(start, weights, self.blend, {}, f"stage {index}")])
+        order = DataOrder(self.seed, self._layouts(), [Generation(start, weights, self.blend, {}, f"stage {index}")])
         sources = [
-            Source(id=r.shard.id, type=r.shard.type, path=_location(r.shard.path), tokens=r.shard.tokens,
+            Source(id=r.shard.id, type=r.shard.type, path=str(r.shard.path), tokens=r.shard.tokens,
                    weight=r.weight, fingerprint=layout_fingerprint(r.shard.chunk_dims))
             for r in stage.mixture.active
         ]
@@ -223,11 +224,6 @@ def _world_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
-def _location(path: Any) -> str:
-    """A shard location for litdata: a local path or a URL such as ``s3://bucket/shard`` (kept as given)."""
-    return path if isinstance(path, str) else str(path)
-
-
 class ValWindows(Dataset):
     """A fixed budget of evenly spaced, unshuffled windows of a validation shard, split across ranks.
 
@@ -249,7 +245,7 @@ class ValWindows(Dataset):
         storage_options: dict | None = None,
     ) -> None:
         self.dataset = StreamingDataset(
-            _location(path), item_loader=TokensLoader(block_size=block_size), shuffle=False,
+            str(path), item_loader=TokensLoader(block_size=block_size), shuffle=False,
             storage_options=storage_options or {},
         )
         total = load_shard("val", "val", path, storage_options).samples(block_size)
