@@ -167,7 +167,6 @@ def main(
 ) -> None:
     preempt = PreemptionFlag(preemption_signal)
     world, rank = fabric.world_size, fabric.global_rank
-    train.gradient_accumulation_iters(world)  # global batch = micro-batch x processes x accumulation, or an error
     seq_len = train.max_seq_length or config.block_size
     n_replay = replay.sequences_per_step(train.global_batch_size, world)
     n_sft = train.global_batch_size - n_replay

@@ -12,13 +12,11 @@ from typing import Any
 
 from litgpt.utils import choose_logger
 
-from midtrain.preflight import check_logger
-
 
 def build_logger(logger_name: str, out_dir: Path | str, name: str, log_interval: int = 1) -> Any:
     """csv and tensorboard write under ``out_dir/logs/<logger_name>``; wandb logs to project ``name`` (or
-    ``$WANDB_PROJECT``) with its local files under ``out_dir/logs``."""
-    check_logger(logger_name)
+    ``$WANDB_PROJECT``) with its local files under ``out_dir/logs``. Preflight's ``check_logger`` has checked
+    the package."""
     out_dir = Path(out_dir)
     if logger_name == "wandb":
         log_args = {"project": os.environ.get("WANDB_PROJECT", name)}

@@ -23,7 +23,6 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import chunked_cross_entropy
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
-from midtrain.errors import MidtrainError
 from midtrain.preflight import check_pretrain
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.loggers import build_logger
@@ -90,17 +89,11 @@ def setup(
         compile: ``torch.compile`` the model (as ``litgpt pretrain`` always does); false for quick CPU runs.
         preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
     """
-    check_pretrain(
+    config = check_pretrain(
         model_name=model_name, model_config=model_config, data=data, train=train, eval=eval, devices=devices,
         num_nodes=num_nodes, accelerator=accelerator, resume=resume, out_dir=out_dir,
         initial_checkpoint_dir=initial_checkpoint_dir, tokenizer_dir=tokenizer_dir, logger_name=logger_name,
     )
-    if (model_name is None) == (model_config is None):
-        raise MidtrainError("Give exactly one of model_name (a litgpt model name) or model_config.")
-    if data is None:
-        raise MidtrainError("data is not set; configure a ShardedMixedDataset under `data:`.")
-    config = Config.from_name(model_name) if model_config is None else model_config
-    train.validate()
     hparams = run_config(locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
     logger = build_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
