@@ -298,7 +298,6 @@ def main(
             },
             "tokens": counts,
             "base_checkpoint": str(base),
-            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         }
         return run.save(step, train_state, reason)
 
@@ -315,8 +314,7 @@ def main(
     window_rows = torch.zeros(2, 2, dtype=torch.float64)  # [part, (scored tokens, sequences)]
     last_rows = torch.zeros_like(window_rows)
     empty_steps = 0  # steps without a scored token on this process (a warning, not an error)
-    prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
-    t_start = t_window = time.perf_counter()
+    t_window = run.start_clock()
     window_start_step = step
     while step < end_step:
         lr = lr_at(step, train.max_steps, base_lr, schedule)
@@ -409,7 +407,6 @@ def main(
             "epochs": sft_consumed / len(train_set),
             "tokens": counts,
             "replay_tokens_by_source": replay_by_source,
-            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         },
     )  # fmt: skip
 

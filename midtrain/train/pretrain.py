@@ -219,7 +219,6 @@ def main(
             },
             "mixture_history": history,
             "loader": loader.state_dict(),
-            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         }
         return run.save(step, train_state, reason)
 
@@ -231,8 +230,7 @@ def main(
     # on the device, read once per log interval: per type, the sum of sequence mean losses and the sequences
     sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)
     source_type, source_shard = _source_maps(loader, types, shard_index, fabric.device)
-    prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
-    t_start = t_window = time.perf_counter()
+    t_window = run.start_clock()
     window_start_step = step
     while step < end_step:
         new_index, new_stage = data.stage_at(step)
@@ -326,7 +324,6 @@ def main(
             "tokens_by_source": tokens_by_source,
             "tokens_by_type": _by_type(tokens_by_source, data),
             "mixture_history": history,
-            "train_seconds": prior_seconds + time.perf_counter() - t_start,  # all attempts
         },
     )  # fmt: skip
 

@@ -421,7 +421,18 @@ class TrainingRun:
         self.val_loaders = val_loaders
         self.metrics = MetricsLog(fabric, self.out_dir)
         self.val_losses: dict[str, float] = {}
+        self.prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
+        self.loop_start: float | None = None
         self._preempt_step, self._preempt_agreed, self._preempt_every = start.step, False, 1
+
+    def start_clock(self) -> float:
+        """Mark the start of the training loop; returns ``time.perf_counter()`` of that moment."""
+        self.loop_start = time.perf_counter()
+        return self.loop_start
+
+    def train_seconds(self) -> float:
+        """Seconds in the training loop over every attempt of this run (checkpoints carry the sum)."""
+        return self.prior_seconds + (time.perf_counter() - self.loop_start if self.loop_start is not None else 0.0)
 
     def restore(self) -> dict:
         """Model and optimizer from the start checkpoint (after the compatibility checks); its train state."""
@@ -435,6 +446,7 @@ class TrainingRun:
         """Checkpoint ``out_dir/step-XXXXXXXX`` (all ranks), then keep only the newest ``keep_last``."""
         state = {
             **train_state,
+            "train_seconds": self.train_seconds(),
             "step": step,
             "branch_point": self.start.branch,
             "model_config": dataclasses.asdict(self.config),
@@ -518,7 +530,7 @@ class TrainingRun:
             write_json(
                 self.out_dir / SUMMARY_FILE,
                 {"step": step, "final_checkpoint": str(last), "final": str(final), "branch_point": self.start.branch,
-                 **summary(), "val": self.val_losses},
+                 **summary(), "train_seconds": self.train_seconds(), "val": self.val_losses},
             )  # fmt: skip
         self.fabric.barrier()
 
