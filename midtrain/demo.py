@@ -41,6 +41,7 @@ import yaml
 
 from midtrain.cli import run
 from midtrain.errors import MidtrainError
+from midtrain.eval.losses import read_rows, write_rows
 from midtrain.report import claims as C
 
 MODEL = {"name": "demo-tiny", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128,
@@ -393,14 +394,7 @@ def _sft_data(corpus: Path, sft: dict, root: Path, fractions: list[float], seed:
 # ------------------------------------------------------------------------------------ results
 def _merge_csv(parts: list[Path], out: Path) -> Path:
     """Concatenate the per-run evaluate CSVs (same columns) into one."""
-    rows: list[dict] = []
-    for part in parts:
-        with part.open(newline="", encoding="utf-8") as f:
-            rows += list(csv.DictReader(f))
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(out, [row for part in parts for row in read_rows(part)])
     return out
 
 
@@ -408,10 +402,9 @@ def _read_losses(csv_path: Path, checkpoints: dict[str, Path]) -> dict[str, dict
     """``{label: {set: loss}}`` from the evaluate CSV."""
     by_path = {str(p.resolve()): label for label, p in checkpoints.items()}
     losses: dict[str, dict[str, float]] = {}
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row["checkpoint"] in by_path:
-                losses.setdefault(by_path[row["checkpoint"]], {})[row["set"]] = float(row["loss"])
+    for row in read_rows(csv_path):
+        if row["checkpoint"] in by_path:
+            losses.setdefault(by_path[row["checkpoint"]], {})[row["set"]] = float(row["loss"])
     missing = [label for label in checkpoints if label not in losses]
     if missing:
         raise MidtrainError(f"evaluate wrote no rows for {missing} in {csv_path}.")

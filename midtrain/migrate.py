@@ -19,7 +19,7 @@ import yaml
 
 from midtrain.config_check import check_section, fields_of
 from midtrain.errors import MidtrainError
-from midtrain.litgpt_names import apply, translate
+from midtrain.litgpt_names import apply, has, translate
 
 FORK_HORIZON = 61035  # the fork's LR horizon in optimizer steps (the paper's 128B tokens)
 FORK_DATA = "litgpt.data.ShardedMixedDataset"
@@ -32,14 +32,7 @@ MODES = ("mix_weights_str", "literal_weights_str", "proportional_sampling", "mix
 
 def fork_fields(cfg: dict) -> list[str]:
     """The fields of ``cfg`` that only the research fork's configs have (empty for a midtrain config)."""
-    found = []
-    for key in FORK_ONLY:
-        node: Any = cfg
-        for part in key.split("."):
-            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
-        if node is not KeyError:
-            found.append(key)
-    return found
+    return [key for key in FORK_ONLY if has(cfg, key)]
 
 
 def _is_branch(init_args: dict) -> bool:
