@@ -25,7 +25,7 @@ FORK_HORIZON = 61035  # the fork's LR horizon in optimizer steps (the paper's 12
 FORK_DATA = "litgpt.data.ShardedMixedDataset"
 DATA = "midtrain.data.ShardedMixedDataset"
 FORK_ONLY = ("train.max_iters", "train.lr_scheduler", "train.stable_steps", "data.init_args.mix_weight")
-SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "wsd"}
+SCHEDULES = ("cosine", "linear", "constant", "wsd")  # the same names in the fork and in midtrain
 FLOAT_FIELDS = ("min_lr", "lr_warmup_fraction", "lr_decay_fraction", "max_norm")
 MODES = ("mix_weights_str", "literal_weights_str", "proportional_sampling", "mix_config_path")
 
@@ -54,8 +54,8 @@ def _schedule(train: dict, max_steps: int, changes: list[str]) -> None:
         return
     old = str(train.pop("lr_scheduler"))
     if old in SCHEDULES:
-        train["lr_schedule"] = SCHEDULES[old]
-        changes.append(f"train.lr_scheduler: {old} -> train.lr_schedule: {SCHEDULES[old]}")
+        train["lr_schedule"] = old
+        changes.append(f"train.lr_scheduler: {old} -> train.lr_schedule: {old}")
     elif old == "decay" and (stable is None or int(stable) >= max_steps):
         train["lr_schedule"] = "constant"
         changes.append(
@@ -188,10 +188,9 @@ def _resume(
     """``resume: true`` + ``max_additional_steps`` -> an explicit branch checkpoint, or ``auto`` for a continuation."""
     extra = train.get("max_additional_steps")
     fork_out = new.get("out_dir")
-    stale = stale_weight
-    if new.get("resume") is True and extra is not None and 0 < max_steps - int(extra) < max_steps:
+    if new.get("resume") is True and extra is not None and 0 < int(extra) < max_steps:
         branch = max_steps - int(extra)
-        if _is_branch(init) or stale is not None:
+        if _is_branch(init) or stale_weight is not None:
             base = pretrain_dir or fork_out
             if base is None:
                 raise MidtrainError(f"{source}: resume: true without out_dir; pass --pretrain_dir DIR.")

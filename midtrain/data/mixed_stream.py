@@ -33,13 +33,12 @@ PLAN_AHEAD = 4096
 
 @dataclass(frozen=True)
 class Source:
-    """One sampled shard: identity, location (local path or URL), size, weight and layout fingerprint."""
+    """One sampled shard: identity, location (local path or URL), size and layout fingerprint (weights: the order)."""
 
     id: str
     type: str
     path: str
     tokens: int
-    weight: float
     fingerprint: str
 
 
