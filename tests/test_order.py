@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from midtrain.data.order import DataOrder, ExactBlend, Generation, RandomBlend, RankSlice, SourceOrder
+from midtrain.data.order import (
+    RANDOM_BLOCK,
+    RANDOM_SEGMENT,
+    DataOrder,
+    ExactBlend,
+    Generation,
+    RandomBlend,
+    RankSlice,
+    SourceOrder,
+)
 from midtrain.errors import MidtrainError
 
 
@@ -62,6 +75,91 @@ def test_random_blend_within_sampling_error_and_keyed():
     assert np.array_equal(again, blend.assign(np.arange(70_000, 70_100))[0])  # random access = sequential
     other, _ = RandomBlend(weights, seed=5, generation=1).assign(np.arange(n))
     assert not np.array_equal(other, src)
+
+
+def random_weight_vectors(count: int, seed: int = 2024) -> list[list[int]]:
+    """Integer weight vectors of 2-64 sources with heavy-tailed sizes (period = their sum, at most a few
+    thousand), plus the vector on which a smooth weighted round-robin strays 1.147 samples."""
+    rng = np.random.default_rng(seed)
+    vectors = [[1, 334, 115, 410, 1, 1, 5, 52, 3, 81]]
+    while len(vectors) < count:
+        n = int(rng.integers(2, 65))
+        w = np.maximum(1, (rng.pareto(0.8, n) * rng.integers(1, 40)).astype(np.int64))
+        if w.sum() <= 6000:
+            vectors.append(w.tolist())
+    return vectors
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_exact_blend_property_every_prefix_within_tijdeman_bound(chunk):
+    """Seeded property test: 200 random weight vectors (plus the regression vector), every prefix of the
+    infinite sequence (one full period covers them all: the deviation is periodic), within ``1 - 1/(2S-2)``."""
+    for weights in random_weight_vectors(204)[chunk::4]:
+        blend = ExactBlend(weights)
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
+        period = blend.period
+        assert period == sum(weights) // np.gcd.reduce(weights)  # exact: integer weights are realised exactly
+        src, before = blend.assign(np.arange(period))
+        counts = prefix_counts(src, len(weights))
+        deviation = np.abs(counts - w * np.arange(1, period + 1)[:, None]).max()
+        bound = 1 - 1 / (2 * len(weights) - 2)
+        assert deviation <= bound + 1e-9, (weights, deviation, bound)
+        assert np.array_equal(counts[-1], blend.q)
+        assert np.array_equal(before, counts[np.arange(period), src] - 1)
+
+
+def test_random_blend_counts_equal_a_brute_force_count():
+    weights = [0.5, 0.3, 0.15, 0.05]
+    blend = RandomBlend(weights, seed=3, generation=2)
+    n = 3 * RANDOM_BLOCK + 1234
+    src, before = blend.assign(np.arange(n))
+    counts = prefix_counts(src, 4)
+    assert np.array_equal(before, counts[np.arange(n), src] - 1)
+    for m in [0, 1, 17, RANDOM_BLOCK - 1, RANDOM_BLOCK, RANDOM_BLOCK + 1, 2 * RANDOM_BLOCK + 999, n]:
+        assert np.array_equal(blend.counts(m), counts[m - 1] if m else np.zeros(4)), m
+    # across a segment boundary: counts and per-index counts agree with a brute-force count of the window
+    lo = RANDOM_SEGMENT - 5_000
+    window, wbefore = blend.assign(np.arange(lo, lo + 10_000))
+    running = blend.counts(lo) + prefix_counts(window, 4)
+    assert np.array_equal(blend.counts(lo + 10_000), running[-1])
+    assert np.array_equal(wbefore, running[np.arange(10_000), window] - 1)
+
+
+@pytest.mark.parametrize("n", [10**4, 10**5, 10**6, 10**7, 10**8, 10**9])
+def test_random_blend_shares_within_four_sigma(n):
+    weights = np.array([0.6, 0.25, 0.1, 0.04, 0.01])
+    for seed in range(3):
+        counts = RandomBlend(list(weights), seed=seed, generation=0).counts(n)
+        assert counts.sum() == n
+        sigma = np.sqrt(n * weights * (1 - weights))
+        assert np.all(np.abs(counts - n * weights) < 4 * sigma), (n, seed, counts)
+
+
+LOOKUP_AT = [5, 70_000, RANDOM_SEGMENT + 3, 1_200_000_000 - 1, 7 * RANDOM_SEGMENT + RANDOM_BLOCK * 77 + 5]
+
+
+def _lookups(blend: RandomBlend) -> list:
+    src, before = blend.assign(np.array(LOOKUP_AT))
+    return [src.tolist(), before.tolist(), blend.counts(LOOKUP_AT[-1]).tolist()]
+
+
+def test_random_blend_lookups_identical_across_processes_and_cold_or_warm_caches():
+    weights = [0.4, 0.3, 0.2, 0.1]
+    cold = _lookups(RandomBlend(weights, seed=11, generation=1))
+    warm = RandomBlend(weights, seed=11, generation=1)
+    warm.assign(np.arange(9 * RANDOM_SEGMENT, 9 * RANDOM_SEGMENT + 100))  # caches far past every lookup
+    warm.counts(3 * RANDOM_SEGMENT + 17)
+    assert _lookups(warm) == cold
+    per_index = [RandomBlend(weights, seed=11, generation=1).assign(np.array([g]))[0][0] for g in LOOKUP_AT]
+    assert per_index == cold[0]
+    code = (
+        "import json, numpy as np; from midtrain.data.order import RandomBlend; "
+        f"b = RandomBlend({weights}, seed=11, generation=1); s, k = b.assign(np.array({LOOKUP_AT})); "
+        f"print(json.dumps([s.tolist(), k.tolist(), b.counts({LOOKUP_AT[-1]}).tolist()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out) == cold
+    assert _lookups(RandomBlend(weights, seed=11, generation=2)) != cold
 
 
 def test_source_order_serves_every_sample_once_per_epoch_with_chunk_locality():

@@ -40,6 +40,23 @@ class Source:
     path: str
     tokens: int
     fingerprint: str
+    dtype_code: int | None = None
+    """litdata's dtype code of the stored tokens (``index.json``); ``None`` when unknown."""
+
+
+_INT32_SAFE = frozenset({11, 12, 13, 14, 15, 16, 20})  # litdata codes of uint8, int8, int16, int32, uint16
+
+
+def batch_dtype(sources: list[Source]) -> torch.dtype | None:
+    """One token dtype for every batch when the shards store different ones (``None``: they agree, no cast).
+
+    int32 holds every id of 8-, 16- and 32-bit shards (uint16 included, which torch cannot promote);
+    anything else is widened to int64.
+    """
+    codes = {s.dtype_code for s in sources}
+    if len(codes) <= 1:
+        return None
+    return torch.int32 if codes <= _INT32_SAFE else torch.int64
 
 
 class MixedStream(IterableDataset):
@@ -61,6 +78,7 @@ class MixedStream(IterableDataset):
         self.start = int(start)
         self.first_micro_batch = 0
         self.storage_options = storage_options
+        self.dtype = batch_dtype(self.sources)
 
     def open(self, source: Source) -> StreamingDataset:
         """Random access to one source, in litdata's unshuffled sample order."""
@@ -72,11 +90,21 @@ class MixedStream(IterableDataset):
         )
 
     def micro_batches(self, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sources (positions in ``sources``), sample ids and their chunks for this rank's micro-batches ``j``."""
+        """Sources (positions in ``sources``), sample ids and their chunks for this rank's micro-batches ``j``.
+
+        The order names sources by shard id (positions in its generation's weights); they are mapped to
+        positions in ``sources`` by id, so a resume whose shards are discovered in another order reads the same
+        samples.
+        """
         g = self.ranks.indices(self.start, j)
         gen, src, _, ids = self.order.lookup(g.ravel())
         if gen != len(self.order.generations) - 1:
             raise MidtrainError("The stream serves the newest mixture generation only.")
+        where = {s.id: i for i, s in enumerate(self.sources)}
+        missing = [sid for sid in self.order.generations[gen].weights if sid not in where]
+        if missing:
+            raise MidtrainError(f"Shard(s) {missing} are in the data order but not among this run's sources.")
+        src = np.asarray([where[sid] for sid in self.order.generations[gen].weights], dtype=np.int64)[src]
         chunks = np.empty_like(ids)
         for s, source in enumerate(self.sources):
             sel = src == s
@@ -94,6 +122,8 @@ class MixedStream(IterableDataset):
             for src, ids, chunk in zip(sources, samples, chunks):
                 # litdata's public ChunkedIndex: the sample id plus its chunk (ds[i] would search the chunk linearly)
                 rows = [datasets[s][ChunkedIndex(i, c)] for s, i, c in zip(src.tolist(), ids.tolist(), chunk.tolist())]
+                if self.dtype is not None:  # shards of several token dtypes: cast the rows that differ
+                    rows = [r if r.dtype == self.dtype else r.to(self.dtype) for r in rows]
                 batch = torch.empty((len(rows), self.block_size), dtype=rows[0].dtype)
                 if info is not None:  # in a loader worker: build the batch in shared memory, no copy at hand-over
                     batch.share_memory_()
@@ -106,7 +136,8 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+"""3: the random blend draws its counts from a tree of keyed splits (2 drew every block i.i.d.)."""
 
 
 class MixedLoader(DataLoader):
@@ -170,10 +201,15 @@ class MixedLoader(DataLoader):
         unchanged. When the mixture (weights or blend) differs, a new generation starts at the
         consumed index and every source keeps its position.
         """
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        if not isinstance(state, dict) or state.get("version") not in (2, STATE_VERSION):
             raise MidtrainError(
                 "The checkpoint's data-loader state was written by an older midtrain (per-worker streams); "
                 "its data order cannot be continued. Start the data order fresh from a new run directory."
+            )
+        if state["version"] == 2 and any(g.get("blend") == "random" for g in state["generations"]):
+            raise MidtrainError(
+                "The checkpoint's `blend: random` order was drawn by an older midtrain whose random order this "
+                "version no longer reproduces; resume it with that version or start a new run directory."
             )
         order, stream = self.stream.order, self.stream
         if int(state["seed"]) != order.seed:

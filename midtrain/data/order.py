@@ -7,7 +7,8 @@
   it, the source of ``g`` depends only on the weights and ``g - start``:
   ``blend: exact`` (default) interleaves the sources so that every prefix of the generation is
   within one sample of the target shares (:class:`ExactBlend`); ``blend: random`` draws sources
-  i.i.d., keyed by ``(seed, generation, g)`` (:class:`RandomBlend`).
+  i.i.d., keyed by ``(seed, generation)``, with counts before any index from a tree of keyed splits
+  (:class:`RandomBlend`).
 * **Per-source order.** Counting over the whole run, the ``k``-th sample a source serves is
   ``perm_e[k mod n]`` of its epoch ``e = k div n`` (:class:`SourceOrder`); a source that leaves the
   mixture and comes back continues at its ``k`` (each generation records every source's ``k`` at
@@ -36,7 +37,11 @@ MAX_PERIOD = 1 << 20
 CHUNK_WINDOW = 4
 """Per-source order: samples are shuffled within windows of this many (shuffled) chunks."""
 RANDOM_BLOCK = 1 << 16
-"""Random blend: sources are drawn in blocks of this many indices."""
+"""Random blend: a block of this many indices is one leaf of the count tree (its sequence drawn at once)."""
+RANDOM_SEGMENT = 1 << 29
+"""Random blend: independent segments of this many indices, each a binary tree of blocks (numpy's
+hypergeometric draws need populations below 10**9)."""
+RANDOM_LEVELS = (RANDOM_SEGMENT // RANDOM_BLOCK).bit_length() - 1
 
 
 def _key(*parts: object) -> list[int]:
@@ -137,35 +142,66 @@ class ExactBlend:
 
 
 class RandomBlend:
-    """Sources drawn i.i.d. with the weights, keyed by ``(seed, generation, index)``."""
+    """Sources drawn i.i.d. with the weights, keyed by ``(seed, generation)``; counts before any index in
+    a time that does not grow with it.
+
+    Indices fall into independent segments of :data:`RANDOM_SEGMENT` (each one's counts a keyed
+    multinomial); a segment is a binary tree down to blocks of :data:`RANDOM_BLOCK`, each node's counts
+    split between its halves by a keyed multivariate hypergeometric draw keyed by
+    ``(seed, generation, segment, level, node)``, and a block's own sequence is a keyed permutation of
+    its labels given its counts. This is exactly the law of i.i.d. draws; the counts before ``n`` are a
+    running sum over the segments before it (cached, one multinomial per 2**29 indices) plus one
+    root-to-leaf path.
+    """
 
     def __init__(self, weights: list[float], seed: int, generation: int) -> None:
         w = np.asarray(weights, dtype=np.float64)
-        self.cumulative = np.cumsum(w / w.sum())
-        self.cumulative[-1] = 1.0
+        if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise MidtrainError(f"Blend weights must be finite and > 0, got {weights}.")
+        self.p = w / w.sum()
         self.key = (seed, generation)
-        self.block_starts = [np.zeros(len(w), dtype=np.int64)]  # counts before block b
-        self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._segment_sum = (0, np.zeros(len(w), dtype=np.int64))  # (j, counts before segment j), a running sum
+        self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
-    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sources of block ``b`` and each one's count before it within the block."""
+    def _segment(self, j: int) -> np.ndarray:
+        return np.random.default_rng(_key("segment", *self.key, j)).multinomial(RANDOM_SEGMENT, self.p).astype(np.int64)
+
+    def _before_segment(self, j: int) -> np.ndarray:
+        at, total = self._segment_sum
+        if at > j:
+            at, total = 0, np.zeros_like(total)
+        for i in range(at, j):
+            total = total + self._segment(i)
+        self._segment_sum = (j, total)
+        return total
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Block ``b``: its sources, each one's count before it within the block, and the counts before the block."""
         if b not in self._blocks:
-            u = np.random.default_rng(_key("blend", *self.key, b)).random(RANDOM_BLOCK)
-            src = np.searchsorted(self.cumulative, u, side="right").astype(np.int64)
+            j, leaf = divmod(b, RANDOM_SEGMENT // RANDOM_BLOCK)
+            before = self._before_segment(j).copy()
+            counts, size, node = self._segment(j), RANDOM_SEGMENT, 0
+            for level in range(RANDOM_LEVELS):
+                half = size // 2
+                rng = np.random.default_rng(_key("split", *self.key, j, level, node))
+                left = rng.multivariate_hypergeometric(counts, half, method="marginals").astype(np.int64)
+                go_right = (leaf >> (RANDOM_LEVELS - 1 - level)) & 1
+                if go_right:
+                    before += left
+                    counts = counts - left
+                else:
+                    counts = left
+                size, node = half, 2 * node + go_right
+            labels = np.repeat(np.arange(len(self.p), dtype=np.int64), counts)
+            src = np.random.default_rng(_key("block", *self.key, b)).permutation(labels)
+            first = np.concatenate([[0], np.cumsum(counts)[:-1]])
             order = np.argsort(src, kind="stable")
-            first = np.searchsorted(src[order], np.arange(len(self.cumulative)))
             rank = np.empty(RANDOM_BLOCK, dtype=np.int64)
             rank[order] = np.arange(RANDOM_BLOCK) - first[src[order]]
-            self._blocks[b] = (src, rank)
+            self._blocks[b] = (src, rank, before)
             if len(self._blocks) > 8:
                 self._blocks.popitem(last=False)
         return self._blocks[b]
-
-    def _start(self, b: int) -> np.ndarray:
-        while len(self.block_starts) <= b:
-            src, _ = self._block(len(self.block_starts) - 1)
-            self.block_starts.append(self.block_starts[-1] + np.bincount(src, minlength=len(self.cumulative)))
-        return self.block_starts[b]
 
     def assign(self, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         src = np.empty(len(n), dtype=np.int64)
@@ -173,14 +209,15 @@ class RandomBlend:
         blocks, offsets = np.divmod(n, RANDOM_BLOCK)
         for b in np.unique(blocks).tolist():
             sel = blocks == b
-            bsrc, brank = self._block(b)
+            bsrc, brank, bstart = self._block(b)
             src[sel] = bsrc[offsets[sel]]
-            before[sel] = self._start(b)[src[sel]] + brank[offsets[sel]]
+            before[sel] = bstart[src[sel]] + brank[offsets[sel]]
         return src, before
 
     def counts(self, n: int) -> np.ndarray:
         b, p = divmod(int(n), RANDOM_BLOCK)
-        return self._start(b) + np.bincount(self._block(b)[0][:p], minlength=len(self.cumulative))
+        bsrc, _, bstart = self._block(b)
+        return bstart + np.bincount(bsrc[:p], minlength=len(self.p))
 
 
 # ---- per-source order --------------------------------------------------------------------------

@@ -183,7 +183,7 @@ class ShardedMixedDataset(DataModule):
         order = DataOrder(self.seed, self._layouts(), [Generation(start, weights, self.blend, {}, f"stage {index}")])
         sources = [
             Source(id=r.shard.id, type=r.shard.type, path=str(r.shard.path), tokens=r.shard.tokens,
-                   fingerprint=layout_fingerprint(r.shard.chunk_dims))
+                   fingerprint=layout_fingerprint(r.shard.chunk_dims), dtype_code=r.shard.dtype_code)
             for r in stage.mixture.active
         ]
         order.blend(0)  # computed once here; workers get it with the stream
