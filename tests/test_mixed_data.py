@@ -289,3 +289,53 @@ def test_mix_config_file_yaml_and_json(tree, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"mix_weights": "main:1"}))
     with pytest.raises(MidtrainError, match="unknown field"):
         ShardedMixedDataset(data_path=tree, mix_config_path=str(tmp_path / "bad.json"))
+
+
+def test_shards_of_int32_and_uint16_tokens_train_together(tree):
+    from midtrain.data.writer import write_token_shard
+
+    write_token_shard(tree / "c3", [torch.arange(30_000, 34_000)], chunk_tokens=1_700, dtype=torch.uint16)
+    dm = make(tree, workers=0, batch=16, literal_weights_str="main/1:0.5,c3:0.5")
+    seen, loader = Counter(), dm.train_dataloader()
+    for k, batch in enumerate(loader):
+        assert batch["input_ids"].dtype == torch.int32  # one dtype for every batch
+        for s, row in zip(batch["source"].tolist(), batch["input_ids"]):
+            sid = loader.sources[s].id
+            seen[sid] += 1
+            low, high = (30_000, 34_000) if sid == "c3" else (10_000_000, 10_040_000)  # counting tokens per shard
+            assert torch.equal(row - row[0], torch.arange(SEQ + 1, dtype=torch.int32)) and low <= row[0] < high
+        if k == 3:
+            break
+    assert seen == {"main/1": 32, "c3": 32}
+
+
+def test_resume_after_a_type_rename_reads_the_same_samples(tmp_path):
+    root = write_tree(tmp_path / "d", {"1": 8_000, "c1": 6_000, "pm1": 6_000}, chunk_tokens=1_700, sequential=True)
+    mix = {"literal_weights_str": "main/1:0.5,pm1:0.3,c1:0.2"}
+
+    def loader(type_name: str):
+        dm = ShardedMixedDataset(data_path=root, num_workers=0, shard_types={type_name: "pm"}, **mix)
+        dm.connect(batch_size=8, max_seq_length=SEQ, with_source=True)
+        return dm.train_dataloader()
+
+    assert [s.id for s in loader("aaa").sources] != [s.id for s in loader("zzz").sources]  # other positions
+    expected = sample_ids(loader("aaa"), batches=12)
+    first = loader("aaa")
+    head = sample_ids(first, batches=5)
+    resumed = loader("zzz")
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + sample_ids(resumed, batches=7) == expected
+
+
+def test_old_random_order_checkpoint_is_refused_exact_one_continues(tree):
+    for blend in ("random", "exact"):
+        first = make(tree, batch=8, mix_weights_str="main:0.5,code:0.5", blend=blend).train_dataloader()
+        expected = sample_ids(first, batches=6)
+        state = {**json.loads(json.dumps(first.state_dict())), "version": 2, "consumed": 24}
+        resumed = make(tree, batch=8, mix_weights_str="main:0.5,code:0.5", blend=blend).train_dataloader()
+        if blend == "random":
+            with pytest.raises(MidtrainError, match="older midtrain whose random order"):
+                resumed.load_state_dict(state)
+        else:
+            resumed.load_state_dict(state)
+            assert sample_ids(resumed, batches=3) == expected[24:]
