@@ -211,3 +211,11 @@ def test_rank_slices_cover_each_step_once():
     assert seen[0] == seen[1] == seen[2] == list(range(16, 40))
     with pytest.raises(MidtrainError, match="split into 3 rank"):
         RankSlice(global_batch=8, world=3, rank=0, micro_batch=1)
+
+
+def test_decimal_weights_are_exact_and_too_small_ones_refused():
+    blend = ExactBlend([0.123456, 0.3, 0.576544])  # six decimal places: realised exactly
+    asked = np.array([123456, 300000, 576544])
+    assert np.array_equal(blend.q * 1_000_000, asked * blend.period)
+    with pytest.raises(MidtrainError, match="below 1/1048576"):
+        ExactBlend([1e-7, 1 - 1e-7])

@@ -6,9 +6,10 @@
 * **Generations.** A generation is a run of indices under one mixture, from ``start`` on. Within
   it, the source of ``g`` depends only on the weights and ``g - start``:
   ``blend: exact`` (default) interleaves the sources so that every prefix of the generation is
-  within one sample of the target shares (:class:`ExactBlend`); ``blend: random`` draws sources
-  i.i.d., keyed by ``(seed, generation)``, with counts before any index from a tree of keyed splits
-  (:class:`RandomBlend`).
+  within ``1 - 1/(2S-2)`` samples of the realised shares ``q / P`` (:func:`integer_shares`: the asked
+  weights themselves when they are fractions with a denominator up to ``2**20``) (:class:`ExactBlend`);
+  ``blend: random`` draws sources i.i.d., keyed by ``(seed, generation)``, with counts before any index
+  from a tree of keyed splits (:class:`RandomBlend`).
 * **Per-source order.** Counting over the whole run, the ``k``-th sample a source serves is
   ``perm_e[k mod n]`` of its epoch ``e = k div n`` (:class:`SourceOrder`); a source that leaves the
   mixture and comes back continues at its ``k`` (each generation records every source's ``k`` at
@@ -59,12 +60,22 @@ def layout_fingerprint(chunk_dims: tuple[int, ...] | list[int]) -> str:
 
 
 def integer_shares(weights: list[float]) -> tuple[np.ndarray, int]:
-    """Weights as integer counts ``q`` per period ``P`` (``q / P`` equals the weights when they are simple
-    fractions such as 0.8 or 1/3; otherwise the nearest counts for ``P = 2**20``)."""
+    """Weights as integer counts ``q`` per period ``P``.
+
+    ``q / P`` equals the normalised weights when they are fractions with a common denominator up to
+    :data:`MAX_PERIOD` (0.8, 1/3, decimals of up to 6 places); otherwise ``P = MAX_PERIOD`` and ``q`` are the
+    nearest counts (largest remainders), each share off by at most ``1 / P``, so a prefix of ``t`` samples is
+    within ``1 + t * |q/P - w|`` of the asked share. A weight below ``1 / MAX_PERIOD`` is an error.
+    """
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or np.any(w <= 0):
         raise MidtrainError(f"Blend weights must be finite and > 0, got {weights}.")
     w = w / w.sum()
+    if w.min() < 1 / MAX_PERIOD:
+        raise MidtrainError(
+            f"blend: exact realises weights as counts per {MAX_PERIOD} samples; a normalised weight of "
+            f"{w.min():.3g} is below 1/{MAX_PERIOD}. Raise it or use blend: random."
+        )
     fracs = [Fraction(float(x)).limit_denominator(1_000_000) for x in w]
     period = math.lcm(*(f.denominator for f in fracs))
     if sum(fracs) == 1 and period <= MAX_PERIOD and all(abs(float(f) - x) < 1e-12 for f, x in zip(fracs, w)):
@@ -119,7 +130,8 @@ def _exact_period(q: tuple[int, ...]) -> np.ndarray:
 
 
 class ExactBlend:
-    """Every prefix of the generation holds each source within one sample of its share."""
+    """Every prefix of the generation holds each source within ``1 - 1/(2S-2)`` samples of its realised share
+    (see :func:`integer_shares` for how close that is to the asked weights)."""
 
     def __init__(self, weights: list[float]) -> None:
         self.q, self.period = integer_shares(weights)
