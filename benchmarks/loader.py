@@ -1,6 +1,6 @@
 """Tokens/s of midtrain's training loader vs plain litdata iteration over the same tokens, interleaved rounds.
 
-    python benchmarks/loader.py [--tokens 16000000] [--workers 2] [--rounds 3] [--sources 4 16] [--combined]
+    python benchmarks/loader.py [--tokens 16000000] [--workers 2] [--rounds 5] [--sources 4 16] [--combined]
 
 Columns:
   plain     litdata StreamingDataLoader over one shuffled StreamingDataset holding all the tokens
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sources", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--combined", action="store_true", help="also time litdata's CombinedStreamingDataset")
     args = parser.parse_args()
