@@ -5,7 +5,7 @@ Each command is a plain function whose signature jsonargparse turns into options
 table instead of training. ``migrate`` rewrites a config of the research fork.
 
 Every error a user can cause ends in a few lines on stderr and exit status 2: the config is
-checked field by field before jsonargparse sees it (``midtrain.config_check``), jsonargparse's own
+checked field by field before jsonargparse sees it (``midtrain.config.yaml_check``), jsonargparse's own
 messages are condensed, and a ``MidtrainError`` raised while a class is built is reported as it is,
 not inside jsonargparse's "Does not validate against any of the Union subtypes". Usage is printed
 on ``--help`` only.
@@ -153,8 +153,8 @@ def _value(tokens: list[str]) -> Any:
 
 def _prepare_args(command: str, fn: Callable, args: list[str]) -> list[str]:
     """Check the config against ``fn``'s options and translate litgpt's names; the args for jsonargparse."""
-    from midtrain.config_check import check_section
-    from midtrain.litgpt_names import apply, translate
+    from midtrain.config.litgpt_names import apply, translate
+    from midtrain.config.yaml_check import check_section
     from midtrain.migrate import fork_fields
 
     if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=") for a in args):
@@ -204,7 +204,7 @@ def _instantiate(parser: ArgumentParser, cfg: Namespace) -> Namespace:
             cause = cause.__cause__ or cause.__context__
         for key, value in vars(cfg).items():  # rebuild each class on its own to get its real error
             if isinstance(value, Namespace) and isinstance(getattr(value, "class_path", None), str):
-                from midtrain.config_check import import_class
+                from midtrain.config.yaml_check import import_class
 
                 cls = import_class(value.class_path)
                 init = value.get("init_args")
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
         if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
-            from midtrain.config_check import closest
+            from midtrain.config.yaml_check import closest
 
             print(f"midtrain: unknown command {argv[0]!r}{closest(argv[0], list(COMMANDS))}; "
                   f"commands: {', '.join(COMMANDS)}.", file=sys.stderr)

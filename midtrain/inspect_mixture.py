@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 from litgpt.config import Config
 
+from midtrain.config.checks import check_pretrain, world_size
+from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.mixture import Mixture
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
-from midtrain.preflight import check_pretrain
-from midtrain.train.args import EvalArgs, TrainArgs
 
 
 @dataclass
@@ -147,7 +147,7 @@ def inspect(data: ShardedMixedDataset | None = None, train: TrainArgs | None = N
     for w in warnings:
         print(f"WARNING: {w}")
     if step is not None:
-        world = devices * num_nodes if isinstance(devices, int) else 1
+        world = world_size(devices, num_nodes, _.get("accelerator", "auto"))
         print(f"step {step}: global indices {(step - 1) * train.global_batch_size:,} to "
               f"{step * train.global_batch_size - 1:,} on {world} process(es)")
         print(f"{'position':>8} {'rank':>5} {'source':<12} {'epoch':>6} {'index':>10}")

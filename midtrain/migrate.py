@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from midtrain.config_check import check_section, fields_of
+from midtrain.config.litgpt_names import apply, has, translate
+from midtrain.config.yaml_check import check_section, fields_of
 from midtrain.errors import MidtrainError
-from midtrain.litgpt_names import apply, has, translate
 
 FORK_HORIZON = 61035  # the fork's LR horizon in optimizer steps (the paper's 128B tokens)
 FORK_DATA = "litgpt.data.ShardedMixedDataset"
@@ -118,8 +118,8 @@ def migrate(
     max_steps: int = FORK_HORIZON,
 ) -> tuple[dict, list[str]]:
     """The midtrain config for the fork config ``cfg`` and one line per change."""
+    from midtrain.config.sections import EvalArgs, TrainArgs
     from midtrain.data.sharded_mixed import ShardedMixedDataset
-    from midtrain.train.args import EvalArgs, TrainArgs
     from midtrain.train.pretrain import setup
 
     if not isinstance(cfg, dict):

@@ -28,10 +28,9 @@ from midtrain.data.sft import SFTOrder
 from midtrain.data.sharded_mixed import ValWindows
 from midtrain.data.synthetic import write_tree
 from midtrain.errors import MidtrainError
-from midtrain.train import finetune as finetune_module
 from midtrain.train.checkpoints import find_latest, read_train_state
 from midtrain.train.runtime import EXIT_PREEMPTED
-from midtrain.train.schedules import lr_at
+from midtrain.train.schedules import LRSchedule
 
 SEQ = 64
 MODEL = {"name": "tiny-ft", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": SEQ, "vocab_size": 256,
@@ -206,17 +205,19 @@ def test_interrupted_finetune_with_replay_resumes_exactly(world, tmp_path, monke
     finetune(cfg, "--train.max_additional_steps", "2")  # stops in the middle of the SFT data's first epoch
     assert read_train_state(find_latest(parts))["step"] == 2
 
-    def lr_with_signal(step: int, *args):
+    lr = LRSchedule.lr
+
+    def lr_with_signal(schedule: LRSchedule, step: int, *args):
         if step == 3:  # the signal arrives during step 4; the run checkpoints after it and exits for a requeue
             os.kill(os.getpid(), signal.SIGUSR1)
-        return lr_at(step, *args)
+        return lr(schedule, step, *args)
 
-    monkeypatch.setattr(finetune_module, "lr_at", lr_with_signal)
+    monkeypatch.setattr(LRSchedule, "lr", lr_with_signal)
     with pytest.raises(SystemExit) as exit_info:
         finetune(cfg, "--resume", "auto")
     assert exit_info.value.code == EXIT_PREEMPTED
     assert read_train_state(find_latest(parts))["reason"] == "preempted"
-    monkeypatch.setattr(finetune_module, "lr_at", lr_at)
+    monkeypatch.setattr(LRSchedule, "lr", lr)
     finetune(cfg, "--resume", "auto")
     got, expected = by_step(parts, "loss"), by_step(whole, "loss")
     assert sorted(got) == list(range(1, 7))

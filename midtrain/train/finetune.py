@@ -13,7 +13,8 @@ the sequences of every optimizer step come from pretraining shards (layout: ``mi
 * **State.** The starting weights are loaded after ``fabric.setup`` (FSDP-safe); optimizer state is
   not taken from them. A checkpoint of this run holds model, optimizer, step, SFT samples consumed
   and the replay-stream state, so a requeue continues exactly (the same per-step losses as an
-  uninterrupted run); resume policy, checkpoints and ``final/`` as in ``midtrain.train.runtime``.
+  uninterrupted run); resume policy, checkpoints and ``final/`` as in ``midtrain.train.runtime``, which runs the loop;
+  this module supplies the step and the saved state (:class:`FinetuneSteps`).
 * **Validation.** ``val/sft/loss`` on the data module's validation split and ``val/<name>/loss``
   on pretraining-shard sets (``val_data_path`` and ``replay.data.val_data_path``), at
   ``eval.interval`` and at the end.
@@ -23,29 +24,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from litgpt.config import Config
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
 
+from midtrain.config.commands import FinetuneConfig
+from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.replay import Replay
 from midtrain.data.sft import IGNORE_INDEX, SFTOrder, StepBatches, scored_fraction, sft_val_loader, step_micro_batches
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
-from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
-from midtrain.preflight import check_finetune
-from midtrain.train.args import EvalArgs, TrainArgs
-from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import (
     PreemptionFlag,
+    Start,
     TrainingRun,
     begin_run,
     build_fabric,
@@ -53,11 +51,7 @@ from midtrain.train.runtime import (
     check_tokenizer,
     load_initial_weights,
     resolve_start,
-    run_config,
 )
-from midtrain.train.schedules import lr_at
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def setup(
@@ -111,304 +105,242 @@ def setup(
             treats the length as dynamic); false for quick CPU runs.
         preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
     """
-    if data is None:
-        raise MidtrainError(
-            "data is not set; configure a litgpt SFT data module under `data:` (e.g. litgpt.data.JSON)."
-        )
-    base = _resolve_base(Path(checkpoint_dir))
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else base
-    if not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
-        raise MidtrainError(
-            f"No tokenizer ({' or '.join(TOKENIZER_FILES)}) in {tokenizer_dir}; pass tokenizer_dir, the tokenizer "
-            "the checkpoint was pretrained with."
-        )
-    if (epochs is None) == (train.max_steps is None):
-        raise MidtrainError("Give exactly one of train.max_steps or epochs for the fine-tuning length.")
-    if epochs is not None and epochs <= 0:
-        raise MidtrainError(f"epochs must be > 0, got {epochs}.")
-    replay = replay or Replay()
-    replay_data = replay.build()
-    config = Config.from_file(base / MODEL_CONFIG_FILE)
-    check_finetune(
-        config=config, train=train, eval=eval, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
-        resume=resume, out_dir=out_dir, logger_name=logger_name,
-    )
-    hparams = run_config(locals())
+    cfg = FinetuneConfig(**locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
-    replay.sequences_per_step(train.global_batch_size, fabric.world_size)  # fail before launching
     fabric._loggers = [
-        build_logger(logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval)
+        build_logger(logger_name, out_dir, name=f"finetune-{cfg.model.name}", log_interval=train.log_interval)
     ]
-    fabric.launch(
-        main, config, base, tokenizer_dir, data, replay, replay_data, val_data_path or {}, Path(out_dir), train, epochs,
-        eval, optimizer, resume, seed, compile, preemption_signal, hparams,
-    )  # fmt: skip
+    fabric.launch(main, cfg)
 
 
-def main(
-    fabric: L.Fabric,
-    config: Config,
-    base: Path,
-    tokenizer_dir: Path,
-    data: DataModule,
-    replay: Replay,
-    replay_data: ShardedMixedDataset | None,
-    val_paths: dict[str, Path],
-    out_dir: Path,
-    train: TrainArgs,
-    epochs: float | None,
-    eval: EvalArgs,
-    optimizer_cfg: str | dict,
-    resume: bool | Literal["auto"] | Path,
-    seed: int,
-    compile: bool,
-    preemption_signal: str | None,
-    hparams: dict,
-) -> None:
-    preempt = PreemptionFlag(preemption_signal)
-    world, rank = fabric.world_size, fabric.global_rank
-    seq_len = train.max_seq_length or config.block_size
-    n_replay = replay.sequences_per_step(train.global_batch_size, world)
-    n_sft = train.global_batch_size - n_replay
-    start = resolve_start(fabric, resume, out_dir, base)
+def main(fabric: L.Fabric, cfg: FinetuneConfig) -> None:
+    preempt = PreemptionFlag(cfg.preemption_signal)
+    start = resolve_start(fabric, cfg.resume, cfg.out_dir, cfg.base)
     if start.checkpoint is not None and "sft" not in start.saved:
         raise MidtrainError(
             f"{start.checkpoint} is not a fine-tuning checkpoint; to start from pretrained weights use checkpoint_dir."
         )
-
-    # ---- SFT data (litgpt module), replay stream, validation sets ------------------------------
-    tokenizer = Tokenizer(tokenizer_dir)
-    if tokenizer.vocab_size > config.padded_vocab_size:
-        raise MidtrainError(
-            f"The tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens, the model only "
-            f"{config.padded_vocab_size}; they do not belong together."
-        )
-    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len + 1)
-    with fabric.rank_zero_first():
-        data.prepare_data()
-    data.setup()
-    train_set = data.train_dataloader().dataset
-    val_set = data.val_dataloader().dataset
-    if len(train_set) < n_sft:
-        raise MidtrainError(
-            f"The SFT training split has {len(train_set)} samples, fewer than one step needs ({n_sft})."
-        )
-    _check_scored(train_set, val_set, seq_len, eval.max_samples, fabric)
-    if epochs is not None:
-        train = dataclasses.replace(train, max_steps=math.ceil(epochs * len(train_set) / n_sft))
-    train.validate()
-    eval_batch = eval.batch_size or train.micro_batch_size
-    val_loaders: dict[str, DataLoader] = {}
-    if len(val_set):
-        val_loaders["sft"] = sft_val_loader(val_set, eval_batch, eval.max_samples, rank, world)
-    shard_sets = list((replay_data.val_paths if replay_data else {}).items()) + list(val_paths.items())
-    for name, path in shard_sets:
-        if name in val_loaders:
-            raise MidtrainError(f"Validation set name {name!r} is used twice; names must be unique (and not 'sft').")
-        path = Path(path)
-        if not path.is_dir():
-            raise MidtrainError(f"Validation set {name!r}: {path} does not exist.")
-        load_shard(name, "val", path).check_block_size(seq_len + 1)
-        val_loaders[name] = DataLoader(ValWindows(path, seq_len + 1, eval.max_samples), batch_size=eval_batch)
-    replay_loader = None
-    if n_replay:
-        replay_data.connect(tokenizer, batch_size=n_replay // world, max_seq_length=seq_len, with_source=True,
-                            global_batch_size=n_replay)
-        replay_loader = replay_data.train_dataloader()
-
+    sft = SFTData(fabric, cfg)
+    train = sft.train  # with max_steps from epochs
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
     check_tokenizer(
-        fabric, tokenizer_dir, [Path(path) for _, path in shard_sets] + _replay_shards(replay_data),
-        base if start.checkpoint is None else None,
+        fabric, cfg.tokenizer_dir, [path for _, path in cfg.shard_val_sets()] + _replay_shards(cfg.replay_data),
+        cfg.base if start.checkpoint is None else None,
     )  # fmt: skip
     if not begin_run(fabric, start, end_step):
         return
 
-    # ---- model and optimizer (fresh; weights from the base checkpoint unless resuming) ---------
-    fabric.seed_everything(seed)
+    # model and optimizer (fresh; weights from the base checkpoint unless resuming)
+    fabric.seed_everything(cfg.seed)
     model, optimizer = build_model_and_optimizer(
-        fabric, config, seq_len, optimizer_cfg, train.tie_embeddings, initialize=False, compile=compile
+        fabric, cfg.model, cfg.seq_len, cfg.optimizer, train.tie_embeddings, initialize=False, compile=cfg.compile
     )
-    base_lr = optimizer.param_groups[0]["lr"]
-    schedule = train.schedule()
-    fabric.print(f"LR schedule: {schedule.describe(base_lr, train.max_steps)}.")
     run = TrainingRun(
-        fabric, start, model, optimizer, hparams, config, seq_len, tokenizer_dir, train.keep_last_checkpoints,
-        val_loaders,
+        fabric, start, model, optimizer, cfg.hparams(), cfg.model, cfg.seq_len, cfg.tokenizer_dir,
+        train.keep_last_checkpoints, sft.val_loaders,
     )  # fmt: skip
-
-    # ---- state: fresh or resumed -------------------------------------------------------------------
-    step, sft_consumed = 0, 0
-    counts = {"sft_tokens": 0, "replay_tokens": 0}  # scored tokens so far
-    replay_by_source: dict[str, int] = {}
     if start.checkpoint is not None:
-        saved = start.saved
-        if saved["sft"]["train_samples"] != len(train_set):
+        if start.saved["sft"]["train_samples"] != len(sft.train_set):
             raise MidtrainError(
-                f"The SFT training split had {saved['sft']['train_samples']} samples at {start.checkpoint} and has "
-                f"{len(train_set)} now; the saved data position would mean something else."
+                f"The SFT training split had {start.saved['sft']['train_samples']} samples at {start.checkpoint} and "
+                f"has {len(sft.train_set)} now; the saved data position would mean something else."
             )
         run.restore()
-        step, sft_consumed = start.step, int(saved["sft"]["consumed"])
-        counts = {k: int(saved["tokens"][k]) for k in counts}
-        replay_by_source = dict(saved["replay"]["tokens_by_source"])
-        if replay_loader is not None and saved["replay"]["loader"]:
-            replay_loader.load_state_dict(saved["replay"]["loader"])
-        fabric.print(f"{sft_consumed} SFT samples consumed so far.")
     else:
-        load_initial_weights(fabric, model, base)
-        fabric.print(f"Fine-tuning {base} (fresh optimizer).")
-    order = SFTOrder(len(train_set), seed)
-    sft_loader = DataLoader(
-        train_set,
-        batch_sampler=StepBatches(order, sft_consumed, n_sft, rank, world),
-        num_workers=getattr(data, "num_workers", 0),
-        collate_fn=list,
-    )
-    fabric.print(
-        f"Per step: {train.global_batch_size} sequences = {n_sft} SFT + {n_replay} replay "
-        f"(each process: micro-batches of up to {train.micro_batch_size} SFT rows padded to their longest, replay "
-        f"rows in micro-batches of their own); SFT train {len(train_set)} samples, "
-        f"{train.max_steps} steps = {train.max_steps * n_sft / len(train_set):.2f} epochs; "
-        f"validation sets: {', '.join(val_loaders) or 'none'}."
-    )
+        load_initial_weights(fabric, model, cfg.base)
+        fabric.print(f"Fine-tuning {cfg.base} (fresh optimizer).")
+    run.fit(FinetuneSteps(fabric, cfg, sft, start), end_step, train, cfg.eval, preempt)
 
-    # counters since the last flush into ``counts``/``replay_by_source`` (this process, host): scored SFT and
-    # replay tokens, replay sequences per source; the log window's (and last step's) loss sums stay on the device
-    pending = torch.zeros(2 + (len(replay_loader.sources) if replay_loader is not None else 0), dtype=torch.float64)
 
-    def add_pending(reduced: list[float]) -> None:
-        """Add every process's pending counters (``pending`` all-reduced) to the run's totals."""
-        counts["sft_tokens"] += int(reduced[0])
-        counts["replay_tokens"] += int(reduced[1])
-        for src, n in zip(replay_loader.sources if replay_loader is not None else [], reduced[2:]):
-            if n:
-                replay_by_source[src.id] = replay_by_source.get(src.id, 0) + int(n) * seq_len
-        pending.zero_()
+class SFTData:
+    """The SFT splits of the litgpt data module, the replay stream and the validation loaders of one process;
+    ``train`` has ``max_steps`` set (from ``epochs`` when given)."""
 
-    def save(reason: str) -> Path:
-        add_pending(fabric.all_reduce(pending.to(fabric.device), reduce_op="sum").tolist())
-        train_state = {
-            "sft": {"consumed": sft_consumed, "epoch": sft_consumed / len(train_set), "train_samples": len(train_set)},
-            "replay": {
-                "ratio": replay.ratio,
-                "sequences_per_step": n_replay,
-                "loader": replay_loader.state_dict() if replay_loader is not None else None,
-                "tokens_by_source": replay_by_source,
-            },
-            "tokens": counts,
-            "base_checkpoint": str(base),
-        }
-        return run.save(step, train_state, reason)
+    def __init__(self, fabric: L.Fabric, cfg: FinetuneConfig) -> None:
+        world, rank, seq_len, train = fabric.world_size, fabric.global_rank, cfg.seq_len, cfg.train
+        self.n_replay = cfg.n_replay
+        self.n_sft = train.global_batch_size - self.n_replay
+        self.tokenizer = Tokenizer(cfg.tokenizer_dir)
+        data = cfg.data
+        data.connect(tokenizer=self.tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len + 1)
+        with fabric.rank_zero_first():
+            data.prepare_data()
+        data.setup()
+        self.train_set = data.train_dataloader().dataset
+        val_set = data.val_dataloader().dataset
+        if len(self.train_set) < self.n_sft:
+            raise MidtrainError(
+                f"The SFT training split has {len(self.train_set)} samples, fewer than one step needs ({self.n_sft})."
+            )
+        _check_scored(self.train_set, val_set, seq_len, cfg.eval.max_samples, fabric)
+        if cfg.epochs is not None:
+            train = dataclasses.replace(train, max_steps=math.ceil(cfg.epochs * len(self.train_set) / self.n_sft))
+        self.train = train
+        eval_batch = cfg.eval.batch_size or train.micro_batch_size
+        self.val_loaders: dict[str, DataLoader] = {}
+        if len(val_set):
+            self.val_loaders["sft"] = sft_val_loader(val_set, eval_batch, cfg.eval.max_samples, rank, world)
+        for name, path in cfg.shard_val_sets():
+            windows = ValWindows(path, seq_len + 1, cfg.eval.max_samples)
+            self.val_loaders[name] = DataLoader(windows, batch_size=eval_batch)
+        self.replay_loader = None
+        if self.n_replay:
+            cfg.replay_data.connect(self.tokenizer, batch_size=self.n_replay // world, max_seq_length=seq_len,
+                                    with_source=True, global_batch_size=self.n_replay)  # fmt: skip
+            self.replay_loader = cfg.replay_data.train_dataloader()
 
-    if eval.initial_validation and val_loaders and not start.own:  # a continued run validated this step before
-        run.validate(step)
 
-    # ---- the loop: one iteration = one optimizer step -----------------------------------------------
-    sft_iter = iter(sft_loader)
-    replay_iter = iter(replay_loader) if replay_loader is not None else None
-    # per part (sft, replay), this process: loss sums on the device (the window's and the last step's), scored
-    # tokens and sequences on the host (the window's and the last step's); all reduced once per log step
-    window_loss = torch.zeros(2, dtype=torch.float64, device=fabric.device)
-    last_loss = torch.zeros_like(window_loss)
-    window_rows = torch.zeros(2, 2, dtype=torch.float64)  # [part, (scored tokens, sequences)]
-    last_rows = torch.zeros_like(window_rows)
-    empty_steps = 0  # steps without a scored token on this process (a warning, not an error)
-    t_window = run.start_clock()
-    window_start_step = step
-    while step < end_step:
-        lr = lr_at(step, train.max_steps, base_lr, schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+class FinetuneSteps:
+    """Fine-tuning's part of the loop: SFT and replay rows per step, the loss as the mean over the step's scored
+    tokens on all processes, SFT/replay losses and counts in the log, the data position in checkpoints."""
+
+    def __init__(self, fabric: L.Fabric, cfg: FinetuneConfig, sft: SFTData, start: Start) -> None:
+        self.fabric, self.cfg, self.sft = fabric, cfg, sft
+        self.micro_batch_size, self.replay_loader = sft.train.micro_batch_size, sft.replay_loader
+        self.consumed = 0
+        self.counts = {"sft_tokens": 0, "replay_tokens": 0}  # scored tokens so far
+        self.replay_by_source: dict[str, int] = {}
+        if start.checkpoint is not None:
+            saved = start.saved
+            self.consumed = int(saved["sft"]["consumed"])
+            self.counts = {k: int(saved["tokens"][k]) for k in self.counts}
+            self.replay_by_source = dict(saved["replay"]["tokens_by_source"])
+            if self.replay_loader is not None and saved["replay"]["loader"]:
+                self.replay_loader.load_state_dict(saved["replay"]["loader"])
+            fabric.print(f"{self.consumed} SFT samples consumed so far.")
+        n_train, n_sft, n_replay, train = len(sft.train_set), sft.n_sft, sft.n_replay, sft.train
+        sft_loader = DataLoader(
+            sft.train_set,
+            batch_sampler=StepBatches(SFTOrder(n_train, cfg.seed), self.consumed, n_sft, fabric.global_rank,
+                                      fabric.world_size),
+            num_workers=getattr(cfg.data, "num_workers", 0),
+            collate_fn=list,
+        )  # fmt: skip
+        fabric.print(
+            f"Per step: {train.global_batch_size} sequences = {n_sft} SFT + {n_replay} replay "
+            f"(each process: micro-batches of up to {train.micro_batch_size} SFT rows padded to their longest, "
+            f"replay rows in micro-batches of their own); SFT train {n_train} samples, "
+            f"{train.max_steps} steps = {train.max_steps * n_sft / n_train:.2f} epochs; "
+            f"validation sets: {', '.join(sft.val_loaders) or 'none'}."
+        )
+        self.sft_iter = iter(sft_loader)
+        self.replay_iter = iter(self.replay_loader) if self.replay_loader is not None else None
+        # counters since the last flush into ``counts``/``replay_by_source`` (this process, host): scored SFT and
+        # replay tokens, replay sequences per source
+        n_sources = len(self.replay_loader.sources) if self.replay_loader is not None else 0
+        self.pending = torch.zeros(2 + n_sources, dtype=torch.float64)
+        # per part (sft, replay), this process: loss sums on the device (the window's and the last step's), scored
+        # tokens and sequences on the host (the window's and the last step's); all reduced once per log step
+        self.window_loss = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+        self.last_loss = torch.zeros_like(self.window_loss)
+        self.window_rows = torch.zeros(2, 2, dtype=torch.float64)  # [part, (scored tokens, sequences)]
+        self.last_rows = torch.zeros_like(self.window_rows)
+        self.empty_steps = 0  # steps without a scored token on this process (a warning, not an error)
+        self.scale: float | torch.Tensor = 1.0
+
+    def micro_batches(self, step: int) -> list[tuple[bool, dict]]:
         replay_rows = None
-        if replay_iter is not None:
-            replay_batch = next(replay_iter)
+        if self.replay_iter is not None:
+            replay_batch = next(self.replay_iter)
             replay_rows = replay_batch["input_ids"]
-            pending[2:].index_add_(0, replay_batch["source"], torch.ones(len(replay_rows), dtype=torch.float64))
-        micro_batches = step_micro_batches(next(sft_iter), replay_rows, train.micro_batch_size)
-        last_loss.zero_()
-        last_rows.zero_()
+            ones = torch.ones(len(replay_rows), dtype=torch.float64)
+            self.pending[2:].index_add_(0, replay_batch["source"], ones)
+        micro_batches = step_micro_batches(next(self.sft_iter), replay_rows, self.micro_batch_size)
+        self.last_loss.zero_()
+        self.last_rows.zero_()
         for is_replay, batch in micro_batches:
             scored = int((batch["labels"] != IGNORE_INDEX).sum())
-            last_rows[int(is_replay)] += torch.tensor([scored, len(batch["labels"])], dtype=torch.float64)
+            self.last_rows[int(is_replay)] += torch.tensor([scored, len(batch["labels"])], dtype=torch.float64)
         # the loss is the mean over the step's scored tokens on all processes; DDP/FSDP average gradients over
         # processes, so each one backpropagates world_size * (its sum of token losses) / (all scored tokens)
-        scale = _loss_scale(fabric, float(last_rows[:, 0].sum()))
-        empty_steps += int(last_rows[:, 0].sum() == 0)
-        for i, (is_replay, batch) in enumerate(micro_batches):
-            input_ids = batch["input_ids"].to(fabric.device, non_blocking=True)
-            labels = batch["labels"].to(fabric.device, non_blocking=True)
-            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                loss = micro_batch_loss(model(input_ids), labels)  # the one pass over the logits
-                fabric.backward(loss.total * scale)
-            last_loss[int(is_replay)] += loss.total.detach()
-        if train.max_norm is not None:
-            fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        sft_consumed += n_sft
-        window_loss += last_loss
-        window_rows += last_rows
-        pending[:2] += last_rows[:, 0]
+        self.scale = _loss_scale(self.fabric, float(self.last_rows[:, 0].sum()))
+        self.empty_steps += int(self.last_rows[:, 0].sum() == 0)
+        return micro_batches
 
-        if step % train.log_interval == 0 or step == end_step:
-            window_steps = step - window_start_step
-            host = torch.cat([window_rows.flatten(), last_rows.flatten(), pending, torch.tensor([empty_steps])])
-            reduced = run.reduce_log(
-                torch.cat([window_loss, last_loss, host.to(fabric.device)]), preempt, step,
-                (time.perf_counter() - t_window) / window_steps,
-            )  # fmt: skip
-            now = time.perf_counter()  # after the reduction's host read: the window's queued work has run
-            (w_sft_loss, w_rep_loss, sft_loss, rep_loss, w_sft_tok, w_sft_seq, w_rep_tok, w_rep_seq, sft_tok, sft_seq,
-             rep_tok, rep_seq), rest = reduced[:12], reduced[12:]  # fmt: skip
-            add_pending(rest[:-1])
-            if rest[-1]:
-                fabric.print(f"warning: {int(rest[-1])} process-step(s) up to step {step} had no scored tokens "
-                             "(responses cut by max_seq_length?).")  # fmt: skip
-            metrics: dict[str, Any] = {
-                "loss": (sft_loss + rep_loss) / max(sft_tok + rep_tok, 1),
-                "lr": lr,
-                "replay_fraction": w_rep_seq / (w_sft_seq + w_rep_seq),
-                "replay_sequences": int(rep_seq),
-                "sft_sequences": int(sft_seq),
-                "epoch": sft_consumed / len(train_set),
-                "tokens/sft": counts["sft_tokens"],
-                "tokens/replay": counts["replay_tokens"],
-                "step_time": (now - t_window) / window_steps,
-            }
-            for name, loss_sum, tokens in (("sft", w_sft_loss, w_sft_tok), ("replay", w_rep_loss, w_rep_tok)):
-                if tokens:
-                    metrics[f"train/{name}/loss"] = loss_sum / tokens
-            run.metrics.log(step, metrics)
-            fabric.print(
-                f"step {step}/{end_step} | loss {metrics['loss']:.4f} | lr {lr:.3e} | epoch {metrics['epoch']:.2f} | "
-                f"replay {metrics['replay_sequences']}/{train.global_batch_size} | {metrics['step_time']:.2f} s/step"
-            )
-            window_loss.zero_()
-            window_rows.zero_()
-            empty_steps = 0
-            t_window, window_start_step = now, step
+    def loss(self, model: Any, part: tuple[bool, dict]) -> torch.Tensor:
+        is_replay, batch = part
+        input_ids = batch["input_ids"].to(self.fabric.device, non_blocking=True)
+        labels = batch["labels"].to(self.fabric.device, non_blocking=True)
+        loss = micro_batch_loss(model(input_ids), labels)  # the one pass over the logits
+        self.last_loss[int(is_replay)] += loss.total.detach()
+        return loss.total * self.scale
 
-        if val_loaders and eval.interval and step % eval.interval == 0 and step != end_step:
-            run.validate(step)
-        run.exit_if_preempted(preempt, step, save)
-        if train.save_interval and step % train.save_interval == 0 and step != end_step:
-            save("interval")
+    def stepped(self) -> None:
+        self.consumed += self.sft.n_sft
+        self.window_loss += self.last_loss
+        self.window_rows += self.last_rows
+        self.pending[:2] += self.last_rows[:, 0]
 
-    run.finish(
-        step, save, eval.final_validation,
-        lambda: {
-            "max_steps": train.max_steps,
-            "base_checkpoint": str(base),
-            "replay_ratio": replay.ratio,
-            "replay_sequences_per_step": n_replay,
-            "sft_sequences_per_step": n_sft,
-            "epochs": sft_consumed / len(train_set),
-            "tokens": counts,
-            "replay_tokens_by_source": replay_by_source,
-        },
-    )  # fmt: skip
+    def log_values(self) -> torch.Tensor:
+        host = torch.cat([self.window_rows.flatten(), self.last_rows.flatten(), self.pending,
+                          torch.tensor([self.empty_steps])])  # fmt: skip
+        return torch.cat([self.window_loss, self.last_loss, host.to(self.fabric.device)])
+
+    def log_metrics(
+        self, reduced: list[float], step: int, lr: float, window_steps: int, seconds: float
+    ) -> tuple[dict, str]:
+        (w_sft_loss, w_rep_loss, sft_loss, rep_loss, w_sft_tok, w_sft_seq, w_rep_tok, w_rep_seq, sft_tok, sft_seq,
+         rep_tok, rep_seq), rest = reduced[:12], reduced[12:]  # fmt: skip
+        self._add_pending(rest[:-1])
+        if rest[-1]:
+            self.fabric.print(f"warning: {int(rest[-1])} process-step(s) up to step {step} had no scored tokens "
+                              "(responses cut by max_seq_length?).")  # fmt: skip
+        metrics: dict[str, Any] = {
+            "loss": (sft_loss + rep_loss) / max(sft_tok + rep_tok, 1),
+            "lr": lr,
+            "replay_fraction": w_rep_seq / (w_sft_seq + w_rep_seq),
+            "replay_sequences": int(rep_seq),
+            "sft_sequences": int(sft_seq),
+            "epoch": self.consumed / len(self.sft.train_set),
+            "tokens/sft": self.counts["sft_tokens"],
+            "tokens/replay": self.counts["replay_tokens"],
+            "step_time": seconds / window_steps,
+        }
+        for name, loss_sum, tokens in (("sft", w_sft_loss, w_sft_tok), ("replay", w_rep_loss, w_rep_tok)):
+            if tokens:
+                metrics[f"train/{name}/loss"] = loss_sum / tokens
+        self.window_loss.zero_()
+        self.window_rows.zero_()
+        self.empty_steps = 0
+        line = (f"epoch {metrics['epoch']:.2f} | replay {metrics['replay_sequences']}/"
+                f"{self.sft.train.global_batch_size} | {metrics['step_time']:.2f} s/step")  # fmt: skip
+        return metrics, line
+
+    def _add_pending(self, reduced: list[float]) -> None:
+        """Add every process's pending counters (``pending`` all-reduced) to the run's totals."""
+        self.counts["sft_tokens"] += int(reduced[0])
+        self.counts["replay_tokens"] += int(reduced[1])
+        for src, n in zip(self.replay_loader.sources if self.replay_loader is not None else [], reduced[2:]):
+            if n:
+                self.replay_by_source[src.id] = self.replay_by_source.get(src.id, 0) + int(n) * self.cfg.seq_len
+        self.pending.zero_()
+
+    def state(self) -> dict:
+        fabric, n_train = self.fabric, len(self.sft.train_set)
+        self._add_pending(fabric.all_reduce(self.pending.to(fabric.device), reduce_op="sum").tolist())
+        return {
+            "sft": {"consumed": self.consumed, "epoch": self.consumed / n_train, "train_samples": n_train},
+            "replay": {
+                "ratio": self.cfg.replay.ratio,
+                "sequences_per_step": self.sft.n_replay,
+                "loader": self.replay_loader.state_dict() if self.replay_loader is not None else None,
+                "tokens_by_source": self.replay_by_source,
+            },
+            "tokens": self.counts,
+            "base_checkpoint": str(self.cfg.base),
+        }
+
+    def summary(self) -> dict:
+        return {
+            "max_steps": self.sft.train.max_steps,
+            "base_checkpoint": str(self.cfg.base),
+            "replay_ratio": self.cfg.replay.ratio,
+            "replay_sequences_per_step": self.sft.n_replay,
+            "sft_sequences_per_step": self.sft.n_sft,
+            "epochs": self.consumed / len(self.sft.train_set),
+            "tokens": self.counts,
+            "replay_tokens_by_source": self.replay_by_source,
+        }
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -442,20 +374,3 @@ def _replay_shards(replay_data: ShardedMixedDataset | None) -> list[Path]:
     if replay_data is None:
         return []
     return [s.path for s in replay_data.shards] + list(replay_data.val_paths.values())
-
-
-def _resolve_base(path: Path) -> Path:
-    """The directory holding the starting weights (a run directory means its newest checkpoint)."""
-    if not path.is_dir():
-        raise MidtrainError(f"checkpoint_dir {path} does not exist.")
-    if not (path / MODEL_FILE).is_file():
-        latest = find_latest(path)
-        if latest is None:
-            raise MidtrainError(
-                f"checkpoint_dir {path} has no {MODEL_FILE} and no complete step-* checkpoint; point it at a "
-                "checkpoint directory (ours or litgpt's)."
-            )
-        path = latest
-    if not (path / MODEL_CONFIG_FILE).is_file():
-        raise MidtrainError(f"checkpoint_dir {path} has no {MODEL_CONFIG_FILE}; the model architecture is unknown.")
-    return path

@@ -3,14 +3,13 @@
 Same shape as ``litgpt pretrain`` (model, data, train, eval, optimizer, devices, ...), plus:
 absolute length in optimizer steps, step-keyed LR schedules, mixture stages, exact resume of the
 data stream, carry-over of stream positions when the mixture changes, several validation sets,
-per-source loss and token logging, atomic checkpoints and SLURM preemption. What it shares with
-``finetune`` (resume policy, weights loaded after ``fabric.setup``, checkpoints, validation, the
-end of a run with litgpt's ``final/``) lives in ``midtrain.train.runtime``.
+per-source loss and token logging, atomic checkpoints and SLURM preemption. This module supplies the
+micro-batch step and the saved state (:class:`PretrainSteps`); the loop, resume policy, checkpoints,
+validation and the end of a run with litgpt's ``final/`` live in ``midtrain.train.runtime``.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,13 +21,14 @@ from litgpt.model import GPT
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import chunked_cross_entropy
 
+from midtrain.config.commands import PretrainConfig
+from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.sharded_mixed import ShardedMixedDataset
-from midtrain.preflight import check_pretrain
-from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import (
     PreemptionFlag,
+    Start,
     TrainingRun,
     begin_run,
     build_fabric,
@@ -36,10 +36,8 @@ from midtrain.train.runtime import (
     check_tokenizer,
     load_initial_weights,
     resolve_start,
-    run_config,
     write_json,
 )
-from midtrain.train.schedules import lr_at
 
 
 def setup(
@@ -89,243 +87,193 @@ def setup(
         compile: ``torch.compile`` the model (as ``litgpt pretrain`` always does); false for quick CPU runs.
         preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
     """
-    config = check_pretrain(
-        model_name=model_name, model_config=model_config, data=data, train=train, eval=eval, devices=devices,
-        num_nodes=num_nodes, accelerator=accelerator, resume=resume, out_dir=out_dir,
-        initial_checkpoint_dir=initial_checkpoint_dir, tokenizer_dir=tokenizer_dir, logger_name=logger_name,
-    )
-    hparams = run_config(locals())
+    cfg = PretrainConfig(**locals())
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
-    logger = build_logger(logger_name, out_dir, name=f"pretrain-{config.name}", log_interval=train.log_interval)
+    logger = build_logger(logger_name, out_dir, name=f"pretrain-{cfg.model.name}", log_interval=train.log_interval)
     fabric._loggers = [logger]
-    fabric.launch(
-        main,
-        config,
-        data,
-        Path(out_dir),
-        initial_checkpoint_dir,
-        resume,
-        train,
-        eval,
-        optimizer,
-        tokenizer_dir,
-        seed,
-        compile,
-        preemption_signal,
-        hparams,
-    )
+    fabric.launch(main, cfg)
 
 
-def main(
-    fabric: L.Fabric,
-    config: Config,
-    data: ShardedMixedDataset,
-    out_dir: Path,
-    initial_checkpoint_dir: Path | None,
-    resume: bool | Literal["auto"] | Path,
-    train: TrainArgs,
-    eval: EvalArgs,
-    optimizer_cfg: str | dict,
-    tokenizer_dir: Path | None,
-    seed: int,
-    compile: bool,
-    preemption_signal: str | None,
-    hparams: dict,
-) -> None:
-    preempt = PreemptionFlag(preemption_signal)
-    accum = train.gradient_accumulation_iters(fabric.world_size)
-    seq_len = train.max_seq_length or config.block_size
-    schedule = train.schedule()
-    start = resolve_start(fabric, resume, out_dir, initial_checkpoint_dir)
+def main(fabric: L.Fabric, cfg: PretrainConfig) -> None:
+    data, train = cfg.data, cfg.train
+    preempt = PreemptionFlag(cfg.preemption_signal)
+    start = resolve_start(fabric, cfg.resume, cfg.out_dir, cfg.initial_checkpoint_dir)
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
     check_tokenizer(
-        fabric, tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values()),
-        initial_checkpoint_dir if start.checkpoint is None else None,
+        fabric, cfg.tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values()),
+        cfg.initial_checkpoint_dir if start.checkpoint is None else None,
     )  # fmt: skip
     if not begin_run(fabric, start, end_step):
         return
 
-    # ---- model and optimizer: built empty, then weights from litgpt's init, a checkpoint or initial weights ---
-    fabric.seed_everything(seed)
+    # model and optimizer: built empty, then weights from litgpt's init, a checkpoint or initial weights
+    fabric.seed_everything(cfg.seed)
     model, optimizer = build_model_and_optimizer(
-        fabric, config, seq_len, optimizer_cfg, train.tie_embeddings, initialize=True, compile=compile
+        fabric, cfg.model, cfg.seq_len, cfg.optimizer, train.tie_embeddings, initialize=True, compile=cfg.compile
     )
-    base_lr = optimizer.param_groups[0]["lr"]
-
-    # ---- data --------------------------------------------------------------------------------
-    tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len, with_source=True,
-                 global_batch_size=train.global_batch_size)
-    val_loaders = data.val_dataloaders(max_samples=eval.max_samples, batch_size=eval.batch_size)
-    types = sorted({r.shard.type for s in data.stage_list for r in s.mixture.active})
+    tokenizer = Tokenizer(cfg.tokenizer_dir) if cfg.tokenizer_dir is not None else None
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=cfg.seq_len,
+                 with_source=True, global_batch_size=train.global_batch_size)  # fmt: skip
+    val_loaders = data.val_dataloaders(max_samples=cfg.eval.max_samples, batch_size=cfg.eval.batch_size)
     run = TrainingRun(
-        fabric, start, model, optimizer, hparams, config, seq_len, tokenizer_dir, train.keep_last_checkpoints,
-        val_loaders,
+        fabric, start, model, optimizer, cfg.hparams(), cfg.model, cfg.seq_len, cfg.tokenizer_dir,
+        train.keep_last_checkpoints, val_loaders,
     )  # fmt: skip
+    saved = run.restore() if start.checkpoint is not None else None
+    if saved is None and cfg.initial_checkpoint_dir is not None:
+        load_initial_weights(fabric, model, Path(cfg.initial_checkpoint_dir))
+    run.fit(PretrainSteps(fabric, cfg, start, saved), end_step, train, cfg.eval, preempt)
 
-    # ---- state: fresh, from initial weights, or resumed ------------------------------------
-    step = 0
-    tokens_by_source: dict[str, int] = {}
-    history: list[dict] = []
-    if start.checkpoint is not None:
-        saved = run.restore()
-        step = start.step
-        tokens_by_source = {k: int(v) for k, v in saved["tokens_by_source"].items()}
-        history = list(saved.get("mixture_history", []))
-    elif initial_checkpoint_dir is not None:
-        load_initial_weights(fabric, model, Path(initial_checkpoint_dir))
 
-    stage_index, stage = data.stage_at(step)
-    loader = data.train_dataloader(step)
-    if start.checkpoint is not None:
-        loader.load_state_dict(saved["loader"])  # the same on every rank
-        if saved["mixture"]["weights"] != stage.mixture.weights_by_id():
-            history.append(_switch(step, saved["mixture"], stage.mixture, f"resume from {start.checkpoint}"))
-            fabric.print(f"Mixture changed at step {step}: {history[-1]['from']} -> {history[-1]['to']}")
-    if not history:
-        history.append(_switch(step, None, stage.mixture, "start"))
-    fabric.print(f"Mixture from step {step}: {stage.mixture.mode} {stage.mixture.description}")
+class PretrainSteps:
+    """Pretraining's part of the loop: the mixture stream (stages, resume), the next-token loss, per-type losses
+    and per-source tokens in the log, and the stream's state in checkpoints."""
 
-    # model FLOPs of one optimizer step (all ranks), and the device peak for MFU (known for GPUs only)
-    flops_per_step = _flops_per_batch(config, train.micro_batch_size, seq_len) * accum * fabric.world_size
-    peak_flops = get_available_flops(fabric.device, _compute_dtype(fabric))
-    if fabric.global_rank == 0:
-        write_json(out_dir / "mixture_history.json", history)
+    def __init__(self, fabric: L.Fabric, cfg: PretrainConfig, start: Start, saved: dict | None) -> None:
+        self.fabric, self.cfg, self.data = fabric, cfg, cfg.data
+        self.accum = cfg.train.gradient_accumulation_iters(fabric.world_size)
+        data, step = cfg.data, start.step
+        self.tokens_by_source: dict[str, int] = {}
+        self.history: list[dict] = []
+        if saved is not None:
+            self.tokens_by_source = {k: int(v) for k, v in saved["tokens_by_source"].items()}
+            self.history = list(saved.get("mixture_history", []))
+        self.stage_index, self.stage = data.stage_at(step)
+        self.loader = data.train_dataloader(step)
+        if saved is not None:
+            self.loader.load_state_dict(saved["loader"])  # the same on every rank
+            if saved["mixture"]["weights"] != self.stage.mixture.weights_by_id():
+                why = f"resume from {start.checkpoint}"
+                self.history.append(_switch(step, saved["mixture"], self.stage.mixture, why))
+                fabric.print(f"Mixture changed at step {step}: {self.history[-1]['from']} -> {self.history[-1]['to']}")
+        if not self.history:
+            self.history.append(_switch(step, None, self.stage.mixture, "start"))
+        fabric.print(f"Mixture from step {step}: {self.stage.mixture.mode} {self.stage.mixture.description}")
 
-    step_tokens = torch.zeros(len(data.shards), dtype=torch.int64)  # this rank, since the last flush
-    shard_index = {s.id: i for i, s in enumerate(data.shards)}
+        # model FLOPs of one optimizer step (all ranks), and the device peak for MFU (known for GPUs only)
+        micro = _flops_per_batch(cfg.model, cfg.train.micro_batch_size, cfg.seq_len)
+        self.flops_per_step = micro * self.accum * fabric.world_size
+        self.peak_flops = get_available_flops(fabric.device, _compute_dtype(fabric))
+        self._write_history()
 
-    def add_tokens(counts: list[float]) -> None:
-        """Add every rank's tokens since the last flush (``step_tokens`` all-reduced) to ``tokens_by_source``."""
-        for sid, i in shard_index.items():
-            if counts[i]:
-                tokens_by_source[sid] = tokens_by_source.get(sid, 0) + int(counts[i])
-        step_tokens.zero_()
+        self.types = sorted({r.shard.type for s in data.stage_list for r in s.mixture.active})
+        self.shard_index = {s.id: i for i, s in enumerate(data.shards)}
+        self.step_tokens = torch.zeros(len(data.shards), dtype=torch.int64)  # this rank, since the last flush
+        # on the device, read once per log interval: per type, the sum of sequence mean losses and the sequences
+        self.sums = torch.zeros(len(self.types), 2, dtype=torch.float64, device=fabric.device)
+        self.step_loss = torch.zeros((), device=fabric.device)
+        self._start_stream()
 
-    def flush_tokens() -> None:
-        add_tokens(fabric.all_reduce(step_tokens.to(fabric.device), reduce_op="sum").tolist())
+    def _start_stream(self) -> None:
+        self.train_iter = iter(self.loader)
+        self.source_type, self.source_shard = _source_maps(
+            self.loader, self.types, self.shard_index, self.fabric.device
+        )
 
-    def save(reason: str) -> Path:
-        flush_tokens()
-        train_state = {
-            "tokens_seen": sum(tokens_by_source.values()),
-            "tokens_by_source": tokens_by_source,
-            "tokens_by_type": _by_type(tokens_by_source, data),
-            "mixture": {
-                "stage": stage_index,
-                "mode": stage.mixture.mode,
-                "description": stage.mixture.description,
-                "weights": stage.mixture.weights_by_id(),
-            },
-            "mixture_history": history,
-            "loader": loader.state_dict(),
-        }
-        return run.save(step, train_state, reason)
+    def _write_history(self) -> None:
+        if self.fabric.global_rank == 0:
+            write_json(self.cfg.out_dir / "mixture_history.json", self.history)
 
-    if eval.initial_validation and val_loaders and not start.own:  # a continued run validated this step before
-        run.validate(step)
-
-    # ---- the loop: one iteration = one optimizer step -----------------------------------------
-    train_iter = iter(loader)
-    # on the device, read once per log interval: per type, the sum of sequence mean losses and the sequences
-    sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)
-    source_type, source_shard = _source_maps(loader, types, shard_index, fabric.device)
-    t_window = run.start_clock()
-    window_start_step = step
-    while step < end_step:
-        new_index, new_stage = data.stage_at(step)
-        if new_index != stage_index:  # a stage switch: same semantics as resuming with a new mixture
-            state = loader.state_dict()
-            loader = data.train_dataloader(step)
-            loader.load_state_dict(state)
-            train_iter = iter(loader)
-            history.append(
-                _switch(
-                    step,
-                    {"weights": stage.mixture.weights_by_id(), "description": stage.mixture.description},
-                    new_stage.mixture,
-                    "stage",
-                )
-            )
-            fabric.print(f"Stage {new_index} at step {step}: {new_stage.mixture.mode} {new_stage.mixture.description}")
-            stage_index, stage = new_index, new_stage
-            source_type, source_shard = _source_maps(loader, types, shard_index, fabric.device)
-            if fabric.global_rank == 0:
-                write_json(out_dir / "mixture_history.json", history)
-
-        lr = lr_at(step, train.max_steps, base_lr, schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=fabric.device)
-        for micro in range(accum):
-            batch = next(train_iter)
-            tokens = batch["input_ids"].to(fabric.device, non_blocking=True).long()
-            input_ids, targets = tokens[:, :-1], tokens[:, 1:]
-            with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                loss = micro_batch_loss(model(input_ids), targets)  # the one pass over the logits
-                fabric.backward(loss.mean() / accum)
-            with torch.no_grad():
-                seq_type = source_type[batch["source"].to(fabric.device, non_blocking=True)]
-                sums[:, 0].index_add_(0, seq_type, loss.seq_sum.double() / targets.size(1))
-                sums[:, 1].index_add_(0, seq_type, torch.ones_like(loss.seq_sum, dtype=torch.float64))
-                step_loss += loss.mean().detach() / accum
-            step_tokens.index_add_(0, source_shard[batch["source"]], torch.full_like(batch["source"], seq_len))
-        if train.max_norm is not None:
-            fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        if step % train.log_interval == 0 or step == end_step:
-            window_steps = step - window_start_step
-            window_tokens = window_steps * train.global_batch_size * seq_len
-            reduced = run.reduce_log(
-                torch.cat([sums.flatten(), step_loss.double().view(1), step_tokens.to(fabric.device).double()]),
-                preempt, step, (time.perf_counter() - t_window) / window_steps,
+    def micro_batches(self, step: int) -> list[dict]:
+        new_index, new_stage = self.data.stage_at(step)
+        if new_index != self.stage_index:  # a stage switch: same semantics as resuming with a new mixture
+            state = self.loader.state_dict()
+            self.loader = self.data.train_dataloader(step)
+            self.loader.load_state_dict(state)
+            old = self.stage.mixture
+            self.history.append(
+                _switch(step, {"weights": old.weights_by_id(), "description": old.description}, new_stage.mixture,
+                        "stage")
             )  # fmt: skip
-            now = time.perf_counter()  # after the reduction's host read: the window's queued work has run
-            per_type, loss_sum = reduced[: 2 * len(types)], reduced[2 * len(types)]
-            add_tokens(reduced[2 * len(types) + 1 :])
-            metrics: dict[str, Any] = {
-                "loss": loss_sum / fabric.world_size,
-                "lr": lr,
-                "tokens": sum(tokens_by_source.values()),
-                "step_time": (now - t_window) / window_steps,
-                "tokens_per_sec": window_tokens / (now - t_window),
-                "tokens_per_sec_per_device": window_tokens / (now - t_window) / fabric.world_size,
-                "mixture_stage": stage_index,
-            }
-            if peak_flops:
-                metrics["mfu"] = flops_per_step / fabric.world_size * window_steps / (now - t_window) / peak_flops
-            for t, type_loss, n in zip(types, per_type[0::2], per_type[1::2]):
-                if n:
-                    metrics[f"train/{t}/loss"] = type_loss / n
-            for t, count in _by_type(tokens_by_source, data).items():
-                metrics[f"tokens/{t}"] = count
-            run.metrics.log(step, metrics)
-            fabric.print(
-                f"step {step}/{end_step} | loss {metrics['loss']:.4f} | lr {lr:.3e} | "
-                f"{metrics['tokens_per_sec_per_device']:,.0f} tok/s/device"
+            self.fabric.print(
+                f"Stage {new_index} at step {step}: {new_stage.mixture.mode} {new_stage.mixture.description}"
             )
-            sums.zero_()
-            t_window, window_start_step = now, step
+            self.stage_index, self.stage = new_index, new_stage
+            self._start_stream()
+            self._write_history()
+        self.step_loss = torch.zeros((), device=self.fabric.device)
+        return [next(self.train_iter) for _ in range(self.accum)]
 
-        if val_loaders and eval.interval and step % eval.interval == 0 and step != end_step:
-            run.validate(step)
-        run.exit_if_preempted(preempt, step, save)
-        if train.save_interval and step % train.save_interval == 0 and step != end_step:
-            save("interval")
+    def loss(self, model: Any, batch: dict) -> torch.Tensor:
+        device = self.fabric.device
+        tokens = batch["input_ids"].to(device, non_blocking=True).long()
+        input_ids, targets = tokens[:, :-1], tokens[:, 1:]
+        loss = micro_batch_loss(model(input_ids), targets)  # the one pass over the logits
+        with torch.no_grad():
+            seq_type = self.source_type[batch["source"].to(device, non_blocking=True)]
+            self.sums[:, 0].index_add_(0, seq_type, loss.seq_sum.double() / targets.size(1))
+            self.sums[:, 1].index_add_(0, seq_type, torch.ones_like(loss.seq_sum, dtype=torch.float64))
+            self.step_loss += loss.mean().detach() / self.accum
+        src = batch["source"]
+        self.step_tokens.index_add_(0, self.source_shard[src], torch.full_like(src, self.cfg.seq_len))
+        return loss.mean() / self.accum
 
-    run.finish(
-        step, save, eval.final_validation,
-        lambda: {
-            "max_steps": train.max_steps,
-            "tokens_seen": sum(tokens_by_source.values()),
-            "tokens_by_source": tokens_by_source,
-            "tokens_by_type": _by_type(tokens_by_source, data),
-            "mixture_history": history,
-        },
-    )  # fmt: skip
+    def stepped(self) -> None:
+        pass
+
+    def log_values(self) -> torch.Tensor:
+        device = self.fabric.device
+        return torch.cat([self.sums.flatten(), self.step_loss.double().view(1), self.step_tokens.to(device).double()])
+
+    def log_metrics(
+        self, reduced: list[float], step: int, lr: float, window_steps: int, seconds: float
+    ) -> tuple[dict, str]:
+        n_types, world = len(self.types), self.fabric.world_size
+        per_type, loss_sum = reduced[: 2 * n_types], reduced[2 * n_types]
+        self._add_tokens(reduced[2 * n_types + 1 :])
+        window_tokens = window_steps * self.cfg.train.global_batch_size * self.cfg.seq_len
+        metrics: dict[str, Any] = {
+            "loss": loss_sum / world,
+            "lr": lr,
+            "tokens": sum(self.tokens_by_source.values()),
+            "step_time": seconds / window_steps,
+            "tokens_per_sec": window_tokens / seconds,
+            "tokens_per_sec_per_device": window_tokens / seconds / world,
+            "mixture_stage": self.stage_index,
+        }
+        if self.peak_flops:
+            metrics["mfu"] = self.flops_per_step / world * window_steps / seconds / self.peak_flops
+        for t, type_loss, n in zip(self.types, per_type[0::2], per_type[1::2]):
+            if n:
+                metrics[f"train/{t}/loss"] = type_loss / n
+        for t, count in _by_type(self.tokens_by_source, self.data).items():
+            metrics[f"tokens/{t}"] = count
+        self.sums.zero_()
+        return metrics, f"{metrics['tokens_per_sec_per_device']:,.0f} tok/s/device"
+
+    def _add_tokens(self, counts: list[float]) -> None:
+        """Add every rank's tokens since the last flush (``step_tokens`` all-reduced) to ``tokens_by_source``."""
+        for sid, i in self.shard_index.items():
+            if counts[i]:
+                self.tokens_by_source[sid] = self.tokens_by_source.get(sid, 0) + int(counts[i])
+        self.step_tokens.zero_()
+
+    def state(self) -> dict:
+        fabric = self.fabric
+        self._add_tokens(fabric.all_reduce(self.step_tokens.to(fabric.device), reduce_op="sum").tolist())
+        mixture = self.stage.mixture
+        return {
+            "tokens_seen": sum(self.tokens_by_source.values()),
+            "tokens_by_source": self.tokens_by_source,
+            "tokens_by_type": _by_type(self.tokens_by_source, self.data),
+            "mixture": {
+                "stage": self.stage_index,
+                "mode": mixture.mode,
+                "description": mixture.description,
+                "weights": mixture.weights_by_id(),
+            },
+            "mixture_history": self.history,
+            "loader": self.loader.state_dict(),
+        }
+
+    def summary(self) -> dict:
+        return {
+            "max_steps": self.cfg.train.max_steps,
+            "tokens_seen": sum(self.tokens_by_source.values()),
+            "tokens_by_source": self.tokens_by_source,
+            "tokens_by_type": _by_type(self.tokens_by_source, self.data),
+            "mixture_history": self.history,
+        }
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import lightning as L
 import torch
@@ -24,6 +24,7 @@ from litgpt.utils import get_default_supported_precision, instantiate_torch_opti
 from torch.utils.data import DataLoader
 
 from midtrain import preemption
+from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.tokenizer_fingerprint import check_shard_tokenizers, tokenizer_fingerprint
@@ -157,23 +158,6 @@ class PreemptionFlag:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=fabric.device)
         return bool(fabric.all_reduce(flag, reduce_op="sum").item() > 0)
-
-
-def run_config(local_vars: dict) -> dict:
-    """The run config as plain data (saved with every checkpoint)."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, Path):
-            return str(v)
-        return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
-
-    return {k: plain(v) for k, v in local_vars.items() if not k.startswith("_")}
 
 
 def check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str | None, path: Path) -> None:
@@ -424,6 +408,9 @@ class TrainingRun:
         self.prior_seconds = float(start.saved.get("train_seconds", 0.0)) if start.own else 0.0  # earlier attempts
         self.loop_start: float | None = None
         self._preempt_step, self._preempt_agreed, self._preempt_every = start.step, False, 1
+        self.step = start.step
+        self.base_lr = optimizer.param_groups[0]["lr"]  # the optimizer config's, before a checkpoint overwrites it
+        """Optimizer steps done (the loop's position; checkpoints are named by it)."""
 
     def start_clock(self) -> float:
         """Mark the start of the training loop; returns ``time.perf_counter()`` of that moment."""
@@ -498,28 +485,76 @@ class TrainingRun:
         self._preempt_step, self._preempt_agreed = step, flag.agreed(self.fabric)
         return self._preempt_agreed
 
-    def exit_if_preempted(self, flag: PreemptionFlag, step: int, save: Callable[[str], Path]) -> None:
-        """When any rank got the preemption signal: checkpoint via ``save`` and exit 75 so the job is requeued.
+    def exit_if_preempted(self, flag: PreemptionFlag, steps: Steps) -> None:
+        """When any rank got the preemption signal: checkpoint and exit 75 so the job is requeued.
 
         One process checks at every step; several agree at log steps (:meth:`reduce_log`) and about every
         ``PREEMPTION_POLL_SECONDS`` in between, so the checkpoint is still written at a step boundary.
         """
-        if not self._preempted(flag, step):
+        if not self._preempted(flag, self.step):
             return
-        save("preempted")
+        self.save(self.step, steps.state(), "preempted")
         self.fabric.print(
-            f"Preemption signal: checkpoint written at step {step}; exiting with status {EXIT_PREEMPTED} "
+            f"Preemption signal: checkpoint written at step {self.step}; exiting with status {EXIT_PREEMPTED} "
             "so the job is requeued."
         )
         self.fabric.barrier()
         sys.exit(EXIT_PREEMPTED)
 
-    def finish(
-        self, step: int, save: Callable[[str], Path], final_validation: bool, summary: Callable[[], dict]
-    ) -> None:
+    def fit(self, steps: Steps, end_step: int, train: TrainArgs, eval: EvalArgs, preempt: PreemptionFlag) -> None:
+        """The training loop, from the start step to ``end_step``; one iteration is one optimizer step.
+
+        Per step: the LR, the command's micro-batches (gradients accumulated, synchronised on the last), clipping,
+        the optimizer step; then at log steps one reduction and one metrics row, validation at ``eval.interval``,
+        the preemption check and interval checkpoints; at the end :meth:`finish`.
+        """
+        fabric, model, optimizer = self.fabric, self.model, self.optimizer
+        base_lr = self.base_lr
+        schedule = train.schedule()
+        schedule.check(base_lr, train.max_steps)  # once; every step then reads schedule.lr
+        fabric.print(f"LR schedule: {schedule.describe(base_lr, train.max_steps)}.")
+        if eval.initial_validation and self.val_loaders and not self.start.own:  # a continued run validated it
+            self.validate(self.step)
+        t_window = self.start_clock()
+        window_start_step = self.step
+        while self.step < end_step:
+            lr = schedule.lr(self.step, train.max_steps, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = steps.micro_batches(self.step)
+            for i, batch in enumerate(batches):
+                with fabric.no_backward_sync(model, enabled=i < len(batches) - 1):
+                    fabric.backward(steps.loss(model, batch))
+            if train.max_norm is not None:
+                fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            steps.stepped()
+
+            step = self.step
+            if step % train.log_interval == 0 or step == end_step:
+                window_steps = step - window_start_step
+                reduced = self.reduce_log(
+                    steps.log_values(), preempt, step, (time.perf_counter() - t_window) / window_steps
+                )
+                now = time.perf_counter()  # after the reduction's host read: the window's queued work has run
+                metrics, line = steps.log_metrics(reduced, step, lr, window_steps, now - t_window)
+                self.metrics.log(step, metrics)
+                fabric.print(f"step {step}/{end_step} | loss {metrics['loss']:.4f} | lr {lr:.3e} | {line}")
+                t_window, window_start_step = now, step
+            if self.val_loaders and eval.interval and step % eval.interval == 0 and step != end_step:
+                self.validate(step)
+            self.exit_if_preempted(preempt, steps)
+            if train.save_interval and step % train.save_interval == 0 and step != end_step:
+                self.save(step, steps.state(), "interval")
+        self.finish(steps, eval.final_validation)
+
+    def finish(self, steps: Steps, final_validation: bool) -> None:
         """End of the run: the last checkpoint, the final validation, litgpt's ``final/``, ``summary.json``
-        (``summary()`` is taken last, so its figures include the end)."""
-        last = save("end") if step > self.start.step else self.start.checkpoint
+        (``steps.summary()`` is taken last, so its figures include the end)."""
+        step = self.step
+        last = self.save(step, steps.state(), "end") if step > self.start.step else self.start.checkpoint
         if final_validation and self.val_loaders:
             self.validate(step, final=True)
         final = save_final(
@@ -530,9 +565,38 @@ class TrainingRun:
             write_json(
                 self.out_dir / SUMMARY_FILE,
                 {"step": step, "final_checkpoint": str(last), "final": str(final), "branch_point": self.start.branch,
-                 **summary(), "train_seconds": self.train_seconds(), "val": self.val_losses},
+                 **steps.summary(), "train_seconds": self.train_seconds(), "val": self.val_losses},
             )  # fmt: skip
         self.fabric.barrier()
+
+
+class Steps(Protocol):
+    """What a command supplies to :meth:`TrainingRun.fit`: its micro-batches and their loss, its log metrics and
+    the state its checkpoints and summary hold."""
+
+    def micro_batches(self, step: int) -> Sequence[Any]:
+        """This process's micro-batches of the optimizer update with 0-based index ``step``."""
+
+    def loss(self, model: Any, batch: Any) -> torch.Tensor:
+        """One micro-batch forward; the loss to backpropagate (its statistics are kept for the log)."""
+
+    def stepped(self) -> None:
+        """After the optimizer step."""
+
+    def log_values(self) -> torch.Tensor:
+        """The values summed over all processes at a log step (one collective)."""
+
+    def log_metrics(
+        self, reduced: list[float], step: int, lr: float, window_steps: int, seconds: float
+    ) -> tuple[dict, str]:
+        """The metrics row of ``step`` for ``reduced`` (the window: ``window_steps`` steps in ``seconds``) and the
+        end of the printed line."""
+
+    def state(self) -> dict:
+        """The train state a checkpoint holds besides model and optimizer (every process calls it)."""
+
+    def summary(self) -> dict:
+        """The command's figures in ``summary.json``."""
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -122,9 +122,27 @@ class LRSchedule:
                 f"lr schedule: min_lr ({self.min_lr}) must not exceed the base learning rate ({base_lr})."
             )
 
+    def lr(self, step: int, max_steps: int, base_lr: float) -> float:
+        """Learning rate for the update with 0-based index ``step``, for a schedule already checked
+        (:meth:`check`)."""
+        if not 0 <= step < max_steps:
+            raise MidtrainError(f"lr schedule: step {step} is outside the run's steps [0, {max_steps}).")
+        t = step + 1
+        warmup = self.warmup_for(max_steps)
+        if t <= warmup:
+            return base_lr * t / warmup
+        if self.name == "constant":
+            return base_lr
+        decay = self.decay_for(max_steps)
+        decay_start = max_steps - decay
+        if t <= decay_start:
+            return base_lr
+        shape = self.decay_shape if self.name == "wsd" else self.name
+        factor = _decay_factor(shape, (t - decay_start) / decay)
+        return self.min_lr + (base_lr - self.min_lr) * factor
+
     def describe(self, base_lr: float, max_steps: int) -> str:
         """One line for the run log, e.g. ``cosine: warmup 100 steps to 0.0003, then decay to 3e-05 by step 1000``."""
-        self.check(base_lr, max_steps)
         warmup = self.warmup_for(max_steps)
         start = f"warmup {warmup} steps to {base_lr:g}" if warmup else f"no warmup, start at {base_lr:g}"
         if self.name == "constant":
@@ -148,20 +166,7 @@ def _decay_factor(shape: str, progress: float) -> float:
 
 
 def lr_at(step: int, max_steps: int, base_lr: float, schedule: LRSchedule) -> float:
-    """Learning rate for the optimizer update with 0-based index ``step`` (see the module docstring)."""
+    """Learning rate for the optimizer update with 0-based index ``step`` (see the module docstring), after
+    checking the schedule; a training run checks it once and then calls :meth:`LRSchedule.lr` every step."""
     schedule.check(base_lr, max_steps)
-    if not 0 <= step < max_steps:
-        raise MidtrainError(f"lr schedule: step {step} is outside the run's steps [0, {max_steps}).")
-    t = step + 1
-    warmup = schedule.warmup_for(max_steps)
-    if t <= warmup:
-        return base_lr * t / warmup
-    if schedule.name == "constant":
-        return base_lr
-    decay = schedule.decay_for(max_steps)
-    decay_start = max_steps - decay
-    if t <= decay_start:
-        return base_lr
-    shape = schedule.decay_shape if schedule.name == "wsd" else schedule.name
-    factor = _decay_factor(shape, (t - decay_start) / decay)
-    return schedule.min_lr + (base_lr - schedule.min_lr) * factor
+    return schedule.lr(step, max_steps, base_lr)

@@ -64,8 +64,10 @@ class TrainArgs:
             min_lr=self.min_lr, decay_fraction=self.lr_decay_fraction,
         )
 
-    def validate(self) -> None:
-        if self.max_steps is None or self.max_steps < 1:
+    def validate(self, length_from_epochs: bool = False) -> None:
+        """Called once, when the command's config is built (``length_from_epochs``: finetune's ``epochs`` sets
+        ``max_steps`` once the SFT split is loaded)."""
+        if not length_from_epochs and (self.max_steps is None or self.max_steps < 1):
             raise MidtrainError("train.max_steps must be set to the total number of optimizer steps (>= 1).")
         if self.max_additional_steps is not None and self.max_additional_steps < 1:
             raise MidtrainError("train.max_additional_steps must be >= 1 when set.")

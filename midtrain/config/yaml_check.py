@@ -3,7 +3,7 @@
 jsonargparse reports a bad key or value deep inside a "Does not validate against any of the Union
 subtypes" dump; these checks name the field, the valid choices and the closest match in one line.
 They also recognise the research fork's configs (one line: run ``midtrain migrate``) and translate
-litgpt's field names (``midtrain.litgpt_names``).
+litgpt's field names (``midtrain.config.litgpt_names``).
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from litgpt.config import Config, name_to_config
 
+from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.mixture import MixtureSpec, load_mix_config
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
-from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.checkpoints import own_checkpoint, resolve_resume
 
 LOGGER_PACKAGES = {
@@ -43,7 +43,8 @@ def resolve_model(model_name: str | None, config: Config | None) -> Config:
 
 
 def world_size(devices: int | str, num_nodes: int, accelerator: str = "auto") -> int:
-    """Processes the run would start: devices per node x nodes (``auto``: the visible GPUs, else 1)."""
+    """Processes the run would start: devices per node x nodes (``auto``: the visible GPUs, else 1). The one
+    world-size rule of preflight, litgpt name translation and ``inspect``."""
     if num_nodes is None or int(num_nodes) < 1:
         raise MidtrainError(f"num_nodes must be >= 1, got {num_nodes}.")
     if devices in ("auto", -1, "-1"):
@@ -183,8 +184,10 @@ def check_pretrain(
 def check_finetune(
     *, config: Config, train: TrainArgs, eval: EvalArgs, devices: int | str, num_nodes: int,
     accelerator: str = "auto", resume: Any = False, out_dir: Path | str = "out/finetune", logger_name: str = "csv",
+    length_from_epochs: bool = False,
 ) -> None:
     """What ``midtrain finetune`` checks before loading weights (besides its data and replay checks)."""
+    train.validate(length_from_epochs)
     check_eval(eval)
     check_batches(train, devices, num_nodes, accelerator)
     check_seq_len(train, config)

@@ -58,10 +58,13 @@ def _seq_len(cfg: dict) -> int:
 
 
 def _world(cfg: dict) -> tuple[int, str]:
+    from midtrain.config.checks import world_size
+
     devices, nodes = cfg.get("devices", 1), int(cfg.get("num_nodes", 1) or 1)
+    world = world_size(devices, nodes, cfg.get("accelerator", "auto"))
     if isinstance(devices, int) and devices > 0:
-        return devices * nodes, f" on each of {devices * nodes} devices"
-    return nodes, f" on each of {nodes} device(s) (devices: {devices} counted as 1 per node)"
+        return world, f" on each of {world} devices"
+    return world, f" on each of {world} device(s) (devices: {devices} = {world // nodes} per node)"
 
 
 def translate(command: str, cfg: dict) -> tuple[dict[str, Any], list[str]]:
