@@ -167,6 +167,11 @@ def test_evaluate_tasks_writes_metric_rows_once(world, tmp_path):
     run("evaluate", args)  # rerun: nothing new, the conversion reused
     assert read_csv(out) == rows and weights.stat().st_mtime_ns == stamp
     assert json.loads((weights.parent / HF_CONFIG_FILE).read_text())["model_type"] == "gpt_neox"
+    report = run("report", ["--runs", str(world["run"]), "--out", str(tmp_path / "report"), "--evals", str(out)])
+    text = report.read_text()
+    latest = {(r["set"], r["metric"]): r for r in rows if r["step"] == "4"}["local_choice:1shot", "acc"]
+    assert f"| run | local_choice:1shot | acc | {latest['value']} ± {latest['stderr']} | step-00000004 |" in text
+    assert "**Score vs step**" in text and "| run | benchmark | metric | 2 | 4 |" in text
 
 
 def test_preemption_finishes_the_task_and_exits_75(world, tmp_path):
