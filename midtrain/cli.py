@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("midtrain.migrate:migrate_file", "Rewrite a config of the research fork as a midtrain config."),
     "pretrain": ("midtrain.train.pretrain:setup", "Pretrain / midtrain on a mixture of token shards."),
     "finetune": ("midtrain.train.finetune:setup", "Full fine-tuning with optional replay of pretraining shards."),
-    "evaluate": ("midtrain.eval.losses:evaluate", "Validation losses of many checkpoints on many sets into a CSV."),
+    "evaluate": ("midtrain.eval.losses:evaluate", "Validation losses and lm-eval scores of checkpoints into one CSV."),
     "similarity": ("midtrain.eval.similarity:similarity", "n-gram / token similarity and proximity advantage."),
     "efficiency": ("midtrain.eval.efficiency:efficiency", "Fit loss = A/x^B + C and report data-efficiency."),
     "report": ("midtrain.report.report:report", "Plots and a markdown summary of one or more runs."),

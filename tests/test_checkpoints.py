@@ -102,7 +102,7 @@ def test_round_trip_restores_weights_optimizer_and_train_state(tmp_path, tokeniz
     assert path == tmp_path / "out" / "step-00000002"
     assert sorted(os.listdir(tmp_path / "out")) == ["step-00000002"]
     assert sorted(os.listdir(path)) == [
-        "COMPLETE", "generation_config.json", "hyperparameters.yaml", "lit_model.pth",
+        "COMPLETE", "config.json", "generation_config.json", "hyperparameters.yaml", "lit_model.pth",
         "model_config.yaml", "tokenizer.json", "tokenizer_config.json", "train_state.json",
     ]  # fmt: skip
     assert json.loads((path / "COMPLETE").read_text()) == {"step": 2}

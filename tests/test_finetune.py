@@ -302,7 +302,7 @@ def test_two_process_ddp_gives_the_same_losses(world, tmp_path):
 
 
 def test_final_dir_opens_in_litgpt_generate_and_convert_from_litgpt(world, tmp_path, capsys):
-    """The run ends with litgpt's ``final/``: plain weights, model_config.yaml, the tokenizer, no foreign config."""
+    """The run ends with litgpt's ``final/``: plain weights, model_config.yaml, the tokenizer, its own config.json."""
     tok = tmp_path / "tok"  # a tokenizer dir that, like a Hugging Face model dir, also holds that model's config.json
     shutil.copytree(world["tok"], tok)
     (tok / "config.json").write_text(json.dumps({"architectures": ["SomeOtherModel"], "hidden_size": 4096}))
@@ -310,9 +310,10 @@ def test_final_dir_opens_in_litgpt_generate_and_convert_from_litgpt(world, tmp_p
     finetune(finetune_config(world, out, ratio=None, tokenizer_dir=str(tok), **{"train.max_steps": 2}))
     final = out / "final"
     assert sorted(p.name for p in final.iterdir()) == [
-        "COMPLETE", "hyperparameters.yaml", "lit_model.pth", "model_config.yaml", "tokenizer.json",
+        "COMPLETE", "config.json", "hyperparameters.yaml", "lit_model.pth", "model_config.yaml", "tokenizer.json",
         "tokenizer_config.json"]
-    assert not (find_latest(out) / "config.json").exists()
+    for checkpoint in (final, find_latest(out)):  # config.json is the model's own (midtrain.train.hf_config)
+        assert json.loads((checkpoint / "config.json").read_text())["architectures"] != ["SomeOtherModel"]
     weights = torch.load(final / "lit_model.pth", weights_only=True)
     last = torch.load(find_latest(out) / "lit_model.pth", weights_only=True)["model"]
     assert weights.keys() == last.keys() and all(torch.equal(weights[k], last[k]) for k in weights)

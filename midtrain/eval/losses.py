@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -47,12 +46,14 @@ from tqdm import tqdm
 from midtrain.data.sharded_mixed import ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
+from midtrain.eval.benchmarks import parse_tasks, run_benchmarks
 from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.train.checkpoints import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, is_complete, read_train_state
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights
 
-COLUMNS = ("checkpoint", "step", "tokens_seen", "set", "loss", "ppl", "n_tokens")
+LOSS_COLUMNS = ("checkpoint", "step", "tokens_seen", "set", "loss", "ppl", "n_tokens")
+COLUMNS = (*LOSS_COLUMNS, "metric", "value", "stderr")  # benchmark rows (eval.benchmarks) fill the last three
 _STEP_NAME = re.compile(r"step-(\d+)")
 _SET_NAME = re.compile(r"[A-Za-z0-9_.\-/]+")
 
@@ -268,9 +269,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is not None and tuple(reader.fieldnames) != COLUMNS:
+        if reader.fieldnames is not None and tuple(reader.fieldnames) not in (COLUMNS, LOSS_COLUMNS):
             raise MidtrainError(f"{path} has columns {reader.fieldnames}, not an evaluate CSV {list(COLUMNS)}.")
-        return list(reader)
+        return [{c: row.get(c) or "" for c in COLUMNS} for row in reader]
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -279,7 +280,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
@@ -315,7 +316,7 @@ class EvalOptions:
 
 def evaluate(
     checkpoints: list[str] | str,
-    val: list[str] | str | dict[str, str],
+    val: list[str] | str | dict[str, str] | None = None,
     out: Path = Path("eval.csv"),
     max_samples: int | None = 512,
     batch_size: int = 8,
@@ -326,8 +327,10 @@ def evaluate(
     devices: int | str = 1,
     accelerator: str = "auto",
     precision: str | None = None,
-    lm_eval_tasks: str | None = None,
-    lm_eval_limit: float | None = None,
+    tasks: str | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    include_path: Path | None = None,
     preemption_signal: str | None = "SIGUSR1",
 ) -> list[dict] | None:
     """Validation loss and perplexity of each checkpoint on each set, appended to one CSV.
@@ -349,26 +352,32 @@ def evaluate(
         devices: Devices (processes); windows and examples are split across them and the sums all-reduced.
         accelerator: ``auto``, ``cpu``, ``cuda``, ...
         precision: Fabric precision; default ``32-true`` on CPU, ``bf16-mixed`` (or ``16-mixed``) on GPU.
-        lm_eval_tasks: Comma-separated lm-eval-harness tasks run on each checkpoint through litgpt
-            (needs ``lm_eval`` installed); results go to ``<out stem>_lm_eval/<run>-<checkpoint>/results.json``.
-        lm_eval_limit: Examples per lm-eval task (a fraction if < 1); None: all.
+        tasks: Comma-separated lm-eval-harness tasks (``arc_easy,sciq``; needs the ``eval`` extra) run on each
+            checkpoint, converted once to ``<checkpoint>/evaluate/``; one CSV row per task and metric
+            (:mod:`midtrain.eval.benchmarks`). ``val`` may then be left out.
+        num_fewshot: Few-shot examples per task (lm-eval's default when None).
+        limit: Examples per task (a fraction if < 1); None: all. Use a new CSV after changing it.
+        include_path: Directory of extra task YAMLs (local, offline tasks).
         preemption_signal: Signal that finishes the current row, writes the CSV and exits with status 75
             (the sbatch script requeues; the rerun skips written rows), or None.
 
     Returns:
         All rows of the CSV (on rank 0; None on other ranks).
     """
-    sets = parse_val_sets(val)
+    sets = parse_val_sets(val) if val or not tasks else []
     found = find_checkpoints(checkpoints)
-    if lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
-        raise MidtrainError("lm_eval_tasks needs lm-eval-harness: pip install 'lm_eval[hf]' (or drop --lm_eval_tasks).")
+    if tasks:
+        parse_tasks(tasks)  # fails before any scoring when lm-eval is missing
     if precision is None and (accelerator == "cpu" or not torch.cuda.is_available()):
         precision = "32-true"
     fabric = build_fabric(devices, 1, precision, strategy="ddp", accelerator=accelerator)
     options = EvalOptions(max_samples, batch_size, max_seq_length, tokenizer_dir, prompt_style, mask_prompt)
-    rows = fabric.launch(_evaluate_all, found, sets, Path(out), options, preemption_signal)
-    if lm_eval_tasks and fabric.global_rank == 0:
-        run_lm_eval(found, lm_eval_tasks, Path(out), lm_eval_limit, batch_size)
+    rows = fabric.launch(_evaluate_all, found, sets, Path(out), options, preemption_signal) if sets else read_rows(out)
+    if tasks and fabric.global_rank == 0:
+        rows = run_benchmarks(
+            found, tasks, Path(out), rows, num_fewshot, limit, include_path, batch_size,
+            "cpu" if accelerator == "cpu" else None, PreemptionFlag(preemption_signal),
+        )  # fmt: skip
     return rows
 
 
@@ -382,7 +391,7 @@ def _evaluate_all(
 ) -> list[dict] | None:
     preempt = PreemptionFlag(preemption_signal)  # in each process (launch may spawn them)
     rows = read_rows(out)
-    done = {(r["checkpoint"], r["set"]) for r in rows}
+    done = {(r["checkpoint"], r["set"]) for r in rows if not r.get("metric")}
     todo = {c: [s for s in sets if (str(c.path), s.name) not in done] for c in checkpoints}
     skipped = len(checkpoints) * len(sets) - sum(map(len, todo.values()))
     fabric.print(f"evaluate: {len(checkpoints)} checkpoints x {len(sets)} sets; {skipped} rows already in {out}.")
@@ -429,12 +438,3 @@ def _subset(records: list[dict], max_samples: int | None) -> list[dict]:
 def _block_size(checkpoint: Checkpoint) -> int:
     return Config.from_file(checkpoint.path / MODEL_CONFIG_FILE).block_size
 
-
-def run_lm_eval(checkpoints: list[Checkpoint], tasks: str, out: Path, limit: float | None, batch_size: int) -> None:
-    """litgpt's lm-eval-harness pass-through for each checkpoint (converts it to HF format first)."""
-    from litgpt.eval.evaluate import convert_and_evaluate
-
-    for checkpoint in checkpoints:
-        target = out.with_name(f"{out.stem}_lm_eval") / f"{checkpoint.path.parent.name}-{checkpoint.path.name}"
-        convert_and_evaluate(checkpoint.path, tasks=tasks, out_dir=target, limit=limit, batch_size=batch_size)
-        print(f"evaluate: lm-eval results for {checkpoint.path} in {target / 'results.json'}")

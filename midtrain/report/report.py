@@ -241,6 +241,7 @@ def report(
     in_domain: str = "sft",
     general: str | None = None,
     labels: list[str] | None = None,
+    evals: list[str] | str | None = None,
 ) -> Path:
     """Plots and a markdown summary (``report.md``) of one or more run directories.
 
@@ -252,6 +253,7 @@ def report(
         general: The pretraining set of the forgetting scatter (y axis), e.g. ``c4``; default: the only
             other validation set every run logged.
         labels: Names for the runs in plots and tables, in the order of the runs; default: directory names.
+        evals: Evaluate CSVs (globs) whose benchmark rows (``midtrain evaluate --tasks``) get a section.
 
     Returns:
         The path of ``report.md``.
@@ -285,6 +287,11 @@ def report(
         lines += [f"![forgetting]({scatter.relative_to(out)})", ""]
         rows = [[label, f"{x:.4f}", f"{y:.4f}"] for label, (x, y) in points.items()]
         lines += _table(["run", f"{in_domain} (in-domain)", f"{general} (pretraining)"], rows) + [""]
+    if evals:
+        from midtrain.eval.benchmarks import benchmark_section
+
+        files = [Path(p) for g in ([evals] if isinstance(evals, str) else evals) for p in sorted(glob.glob(g))]
+        lines += benchmark_section({r.label: r.path for r in loaded}, files)
     for run in loaded:
         lines += run_section(run, sets, train_pngs[run.label], out)
     if notes:

@@ -6,6 +6,7 @@ On-disk layout of one checkpoint (``out_dir/step-00001000/``)::
     train_state.json       step counters, tokens per source, mixture, loader state (caller's dict)
     hyperparameters.yaml   the run config (caller's dict)
     model_config.yaml      litgpt model config (if given)
+    config.json            its HF config (midtrain.train.hf_config), so litgpt's HF conversion loads in transformers
     tokenizer.json, ...    the tokenizer files of tokenizer_dir (if given; never its config.json, which
                            describes whatever model that directory came from)
     COMPLETE               marker, written last: {"step": 1000}
@@ -40,6 +41,7 @@ import yaml
 
 from midtrain.errors import MidtrainError
 from midtrain.tokenizer_fingerprint import TOKENIZER_FILES
+from midtrain.train.hf_config import hf_config_files
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -162,6 +164,7 @@ def save_checkpoint(
     }
     if model_config is not None:
         texts[MODEL_CONFIG_FILE] = _to_yaml(model_config, "model_config")
+        texts.update(hf_config_files(model_config))  # config.json, so the HF conversion loads in transformers
     return _write_atomically(fabric, Path(out_dir), checkpoint_name(step), state, texts, tokenizer_dir)
 
 
@@ -227,6 +230,7 @@ def save_final(
     texts = {HPARAMS_FILE: _to_yaml(config, "config"), MARKER_FILE: json.dumps({"final": True}) + "\n"}
     if model_config is not None:
         texts[MODEL_CONFIG_FILE] = _to_yaml(model_config, "model_config")
+        texts.update(hf_config_files(model_config))  # config.json, so the HF conversion loads in transformers
     return _write_atomically(fabric, Path(out_dir), FINAL_DIR, {"model": model}, texts, tokenizer_dir, unwrap=True)
 
 
