@@ -27,7 +27,7 @@ SCIQ = [
      "distractor3": "Polaris", "correct_answer": "the Sun", "support": ""},
 ]
 LIMA = [
-    {"conversations": ["How do I boil an egg?", "Put it in boiling water for nine minutes."], "source": "stackexchange"},
+    {"conversations": ["How do I boil an egg?", "Put it in boiling water for nine minutes."], "source": "wikihow"},
     {"conversations": ["Name a prime.", "7", "Another one?", "11"], "source": "multi_turn"},
     {"conversations": ["Only a question, no answer"], "source": "broken"},
 ]
@@ -39,7 +39,8 @@ PYCODE = [
 EXPECTED = {
     "gsm8k": (GSM8K, [{"instruction": r["question"], "input": "", "output": r["answer"]} for r in GSM8K]),
     "sciq": (SCIQ, [
-        {"instruction": "What gas do plants absorb?", "input": "Plants take in carbon dioxide.", "output": "carbon dioxide"},
+        {"instruction": "What gas do plants absorb?", "input": "Plants take in carbon dioxide.",
+         "output": "carbon dioxide"},
         {"instruction": "What is the closest star to Earth?", "input": "", "output": "the Sun"},
     ]),
     "lima": (LIMA, [

@@ -31,10 +31,10 @@ from midtrain.prepare.manifests import (
 from midtrain.prepare.writing import ShardStats, summary, tokenize_to_shard
 
 HUB_KEY = "hub"  # the key of a hub shard's stream record in its prepare.json
-SOURCE_FIELDS = ("dataset", "config", "split", "text_key")
+SOURCE_FIELDS = ("dataset", "config", "data_dir", "split", "text_key")
 
 
-def open_stream(dataset: str, config: str | None, split: str) -> Any:
+def open_stream(dataset: str, config: str | None, split: str, data_dir: str | None = None) -> Any:
     try:
         import datasets
     except ImportError as e:
@@ -42,11 +42,12 @@ def open_stream(dataset: str, config: str | None, split: str) -> Any:
             "--hf_dataset needs the `datasets` package; install it with `pip install 'midtrain[hf]'`."
         ) from e
     try:
-        return datasets.load_dataset(dataset, config, split=split, streaming=True)
+        return datasets.load_dataset(dataset, config, data_dir=data_dir, split=split, streaming=True)
     except (FileNotFoundError, ValueError) as e:
         raise MidtrainError(
-            f"Cannot open Hugging Face dataset {dataset!r} (config {config!r}, split {split!r}): {e}. Check the "
-            "name, --hf_config and --split (and network access / `huggingface-cli login` for gated datasets)."
+            f"Cannot open Hugging Face dataset {dataset!r} (config {config!r}, data_dir {data_dir!r}, "
+            f"split {split!r}): {e}. Check the name, --hf_config, --hf_data_dir and --split (and network access / "
+            "`hf auth login` for gated datasets)."
         ) from e
 
 
@@ -115,6 +116,7 @@ def prepare_hub(
     data_path: Path,
     tokenizer_dir: Path,
     hf_config: str | None = None,
+    hf_data_dir: str | None = None,
     split: str = "train",
     text_key: str = "text",
     documents_per_shard: int = 1_000_000,
@@ -134,6 +136,7 @@ def prepare_hub(
         data_path: Directory holding the shard folders (created when missing).
         tokenizer_dir: litgpt tokenizer/checkpoint directory the model is trained with.
         hf_config: The dataset's configuration name (``en`` for C4).
+        hf_data_dir: A folder of the dataset's repository to read (``python`` of ``bigcode/starcoderdata``).
         split: Split to stream (``train``, ``validation``; slices such as ``train[:1000]`` are not streamable).
         text_key: Field holding the document text (alias on the command line: ``--text_field``).
         documents_per_shard: Records per shard: the unit that a re-run after an interruption redoes.
@@ -162,7 +165,7 @@ def prepare_hub(
     data_path.mkdir(parents=True, exist_ok=True)
     manifests = read_manifests(data_path)
     check_tokenizer(manifests, spec)
-    source = {"dataset": hf_dataset, "config": hf_config, "split": split, "text_key": text_key}
+    source = {"dataset": hf_dataset, "config": hf_config, "data_dir": hf_data_dir, "split": split, "text_key": text_key}
     found = hub_shards(manifests, source)
     _check_same_type(found, type, val_fraction)
     shards = [path for path, _ in found]
@@ -174,7 +177,7 @@ def prepare_hub(
     for leftover in leftover_temp_dirs(data_path):
         print(f"midtrain prepare: warning: {leftover} is left over from an interrupted run; it is ignored and safe "
               "to delete.")
-    stream = open_stream(hf_dataset, hf_config, split)
+    stream = open_stream(hf_dataset, hf_config, split, hf_data_dir)
     if last:
         stream.load_state_dict(last["state"])
         print(f"midtrain prepare: continuing {hf_dataset} after record {position} ({len(shards)} shard(s) done).")
