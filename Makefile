@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench
+.PHONY: install install-cpu demo test lint bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# Laptops: torch from PyTorch's CPU wheel index (no CUDA libraries), then the same pinned install.
+install-cpu:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --index-url https://download.pytorch.org/whl/cpu torch==2.14.1
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/midtrain demo --out demo_out

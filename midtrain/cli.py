@@ -44,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("midtrain.demo:demo", "The whole method on one CPU in minutes, no download."),
 }
 PREPARE_DEMO = "midtrain.data.demo_corpus:prepare_demo"
+PREPARE_SFT = "midtrain.prepare.sft_formats:prepare_sft"
+PREPARE_HUB = "midtrain.prepare.hub:prepare_hub"
 TRAINING = ("inspect", "pretrain", "finetune")
 
 
@@ -225,6 +227,13 @@ def run(command: str, args: list[str]) -> Any:
     target = COMMANDS[command][0]
     if command == "prepare" and args[:1] == ["demo"]:
         target, args, command = PREPARE_DEMO, args[1:], "prepare demo"
+    elif command == "prepare" and args[:1] == ["sft"]:
+        target, args, command = PREPARE_SFT, args[1:], "prepare sft"
+    elif command == "prepare":
+        from midtrain.prepare.hub import hub_args
+
+        hub = hub_args(args)
+        target, args = (PREPARE_HUB, hub) if hub is not None else (target, args)
     if command in ("inspect", "pretrain", "finetune", "demo"):
         from midtrain.data.sharded_mixed import register_litgpt_alias
 

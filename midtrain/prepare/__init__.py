@@ -26,7 +26,9 @@ Heavy libraries (torch, litdata, litgpt) are imported lazily, where used.
 
 Modules, one per concern: :mod:`~midtrain.prepare.inputs` (input formats),
 :mod:`~midtrain.prepare.encoding` (batch tokenisation), :mod:`~midtrain.prepare.manifests`
-(``prepare.json``, resume, duplicate safety), :mod:`~midtrain.prepare.writing` (shards).
+(``prepare.json``, resume, duplicate safety), :mod:`~midtrain.prepare.writing` (shards),
+:mod:`~midtrain.prepare.hub` (``--hf_dataset NAME``: a hub dataset streamed into shards, resumable),
+:mod:`~midtrain.prepare.sft_formats` (``prepare sft``: GSM8K/SciQ/LIMA/code sets -> litgpt JSON).
 """
 
 from __future__ import annotations
