@@ -20,12 +20,12 @@ import yaml
 
 from midtrain.errors import MidtrainError
 from midtrain.experiment.graph import Node, build, run_dir
-from midtrain.experiment.spec import BASE_NAME, Experiment
+from midtrain.experiment.spec import BASE_NAME, MIXTURE_MODES, Experiment
 from midtrain.train.checkpoints import FINAL_DIR, HPARAMS_FILE, checkpoint_name
 from midtrain.train.runtime import SUMMARY_FILE
 
-MIXTURE_FIELDS = ("mix_weights_str", "literal_weights_str", "mix_config_path", "proportional_sampling",
-                  "proportional_multipliers", "stages")  # fmt: skip
+MIXTURE_FIELDS = (*MIXTURE_MODES, "stages")
+"""What a branch's mixture replaces in the base config's data fields."""
 RECORD_SUFFIX = ".experiment.json"
 
 
@@ -128,8 +128,11 @@ def plan(exp: Experiment) -> Plan:
             init = _init_args(cfg, f"{exp.source}: branches.{b.name}")
             for key in MIXTURE_FIELDS:
                 init.pop(key, None)
-            is_file = b.mixture.endswith((".json", ".yaml", ".yml"))
-            init["mix_config_path" if is_file else "mix_weights_str"] = b.mixture
+            if isinstance(b.mixture, dict):
+                init.update(copy.deepcopy(b.mixture))
+            else:
+                is_file = b.mixture.endswith((".json", ".yaml", ".yml"))
+                init["mix_config_path" if is_file else "mix_weights_str"] = b.mixture
             cfg = _with(cfg, b.overrides)
             node.end_step = _end_step(cfg, b.at_step, f"{exp.source}: branches.{b.name}")
         elif node.kind == "finetune":

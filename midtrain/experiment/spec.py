@@ -18,6 +18,9 @@ from midtrain.errors import MidtrainError
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 BASE_NAME = "base"
 """The name of the base run's end among the fine-tuning targets (``finetune.branches``)."""
+MIXTURE_MODES = ("mix_weights_str", "literal_weights_str", "mix_config_path", "proportional_sampling",
+                 "proportional_multipliers")
+"""The data fields a branch's ``mixture`` mapping may set (one mixture mode of ShardedMixedDataset)."""
 CLAIMS = ("midtrain_vs_base", "midtrain_vs_cpt", "forgetting", "replay_efficiency", "timing", "percentage")
 """The papers' claims a report can name (``report.claims``)."""
 
@@ -37,8 +40,9 @@ class Branch:
 
     name: str
     at_step: int
-    mixture: str
-    """``"main:0.8,code:0.2"`` (mix_weights_str) or a mixture file (``.json``/``.yaml``: mix_config_path)."""
+    mixture: str | dict[str, Any]
+    """``"main:0.8,code:0.2"`` (mix_weights_str), a mixture file (``.json``/``.yaml``: mix_config_path), or a
+    mapping of the data fields of one mixture mode (``{literal_weights_str: {...}}``)."""
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -161,7 +165,14 @@ def _branches(src: Path, raw: Any) -> tuple[Branch, ...]:
         step = body["at_step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
             raise _err(src, f"{where}.at_step", f"expected a positive integer (an optimizer step), got {step!r}")
-        out.append(Branch(name, step, _str(src, f"{where}.mixture", body["mixture"]),
+        mixture = body["mixture"]
+        if isinstance(mixture, dict):
+            for key in mixture:
+                if key not in MIXTURE_MODES:
+                    raise _err(src, f"{where}.mixture.{key}", f"not a mixture field; valid: {', '.join(MIXTURE_MODES)}")
+        else:
+            mixture = _str(src, f"{where}.mixture", mixture)
+        out.append(Branch(name, step, mixture,
                           _overrides(src, f"{where}.overrides", body.get("overrides"))))
     return tuple(out)
 
