@@ -273,13 +273,14 @@ def paper_experiment(size: str) -> str:
                      "options": {"max_samples": 512}},
         "report": {"in_domain": "sft", "general": "c4", "claims": claims},
     }
-    return (HEADER + f"# The midtraining paper's study at {size}: one pretraining run (submitted as segments that stop at\n"
-            "# each branch step), every midtraining branch of the paper"
-            + (" and its timing / percentage / continued-pretraining\n# ablations" if size in ABLATION_SIZES else "")
-            + ", each fine-tuned on the paper's SFT tasks without and with\n"
-            f"# {REPLAY_RATIO:g} replay, every fine-tuned model evaluated, one report.\n"
-            f"#   midtrain experiment plan midtrain_configs/experiments/paper-{size}.yaml\n" + PATHS_NOTE + "\n"
-            + _yaml(data))
+    what = ("every midtraining branch of the paper"
+            + (" and its timing / percentage / continued-pretraining ablations" if size in ABLATION_SIZES else ""))
+    lines = [f"# The midtraining paper's study at {size}: one pretraining run (submitted as segments that stop",
+             f"# at each branch step); {what};",
+             f"# each fine-tuned on the paper's SFT tasks without and with {REPLAY_RATIO:g} replay; every fine-tuned",
+             "# model evaluated; one report.",
+             f"#   midtrain experiment plan midtrain_configs/experiments/paper-{size}.yaml"]
+    return HEADER + "\n".join(lines) + "\n" + PATHS_NOTE + "\n" + _yaml(data)
 
 
 def replay_experiment() -> str:
