@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "efficiency": ("midtrain.eval.efficiency:efficiency", "Fit loss = A/x^B + C and report data-efficiency."),
     "report": ("midtrain.report.report:report", "Plots and a markdown summary of one or more runs."),
     "demo": ("midtrain.demo:demo", "The whole method on one CPU in minutes, no download."),
+    "experiment": ("midtrain.experiment:main", "A study as a graph of runs: plan | run | submit | status FILE."),
 }
 PREPARE_DEMO = "midtrain.data.demo_corpus:prepare_demo"
 PREPARE_SFT = "midtrain.prepare.sft_formats:prepare_sft"
@@ -224,6 +225,8 @@ def run(command: str, args: list[str]) -> Any:
     """Parse ``args`` for ``command`` and run it."""
     if command == "migrate":
         return _migrate(args)
+    if command == "experiment":
+        return _load(COMMANDS[command][0])(args)
     target = COMMANDS[command][0]
     if command == "prepare" and args[:1] == ["demo"]:
         target, args, command = PREPARE_DEMO, args[1:], "prepare demo"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Submit a training_scripts/*.sbatch job with the site's settings, as an array of one task per config.
 #
-#   training_scripts/submit.sh KIND [--dry-run] CONFIG|DIR|'GLOB'|LIST... [-- OVERRIDES...]
-#   KIND: pretrain | finetune | evaluate
+#   training_scripts/submit.sh KIND [--dry-run] [--sbatch=OPTION...] CONFIG|DIR|'GLOB'|LIST... [-- OVERRIDES...]
+#   KIND: pretrain | finetune | evaluate | report
+#   --sbatch=OPTION: one more sbatch option, after the site's (e.g. --sbatch=--dependency=afterok:123);
+#   `midtrain experiment submit` passes the job name and dependencies this way.
 #
 # Sources training_scripts/site.sh (SITE_SBATCH_ARGS, <KIND>_SBATCH_ARGS, MIDTRAIN_LOG_DIR), expands
 # the configs ONCE, here, and writes them to the job's log directory
@@ -21,8 +23,13 @@ usage() { sed -n '2,/^set -euo/p' "$MIDTRAIN_REPO/training_scripts/submit.sh" | 
 
 [[ $# -ge 1 && "$1" != -h && "$1" != --help ]] || { usage; exit 0; }
 kind="$1"; shift
-case "$kind" in pretrain|finetune|evaluate) ;; *) die "unknown job kind $kind (pretrain, finetune, evaluate)" ;; esac
-parse_args "$@"
+case "$kind" in pretrain|finetune|evaluate|report) ;; *) die "unknown job kind $kind (pretrain, finetune, evaluate, report)" ;; esac
+extra_sbatch=() rest=() after_dashes=0
+for arg in "$@"; do
+    if (( ! after_dashes )) && [[ "$arg" == --sbatch=* ]]; then extra_sbatch+=("${arg#--sbatch=}"); else rest+=("$arg"); fi
+    [[ "$arg" != -- ]] || after_dashes=1
+done
+parse_args "${rest[@]+"${rest[@]}"}"
 load_site
 configs=()
 while IFS= read -r line; do configs+=("$line"); done < <(expand_configs "${CONFIG_ARGS[@]}")
@@ -59,7 +66,7 @@ else
     list="$job_dir/configs.txt"
 fi
 cmd=(sbatch "${SITE_SBATCH_ARGS[@]+"${SITE_SBATCH_ARGS[@]}"}" "${!kind_args_name+"${!kind_args_name}"}"
-     --array="0-$((n - 1))" --output="$job_dir/%A_%a.out"
+     "${extra_sbatch[@]+"${extra_sbatch[@]}"}" --array="0-$((n - 1))" --output="$job_dir/%A_%a.out"
      "$MIDTRAIN_REPO/training_scripts/$kind.sbatch" "${script_args[@]}" "$list" -- "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "${cmd[*]}"
