@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from midtrain.config_check import unknown_key
+from midtrain.config.yaml_check import unknown_key
 from midtrain.errors import MidtrainError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
