@@ -344,3 +344,37 @@ def test_crash_between_renames_then_a_crashed_save_keeps_the_previous_checkpoint
     assert read_train_state(find_latest(out))["step"] == 8
     assert records(out) == pytest.approx(records(whole), rel=1e-5, abs=1e-6)
     assert find_latest(out) == out / "step-00000008" and not list(out.glob(".tmp-*"))
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a pickled (non-weights) checkpoint file may hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickled_checkpoint_is_refused_and_never_run(corpus, tmp_path):
+    """Resume and initial_checkpoint_dir read lit_model.pth with weights_only=True: pickled code is an error."""
+    import torch
+
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    cfg = config(corpus, out)
+    pretrain(cfg, "--train.max_additional_steps", "2")
+    ckpt = find_latest(out)
+    state = torch.load(ckpt / "lit_model.pth", weights_only=True)
+    torch.save({**state, "extra": _RunsCode(marker)}, ckpt / "lit_model.pth")
+    initial = tmp_path / "initial"
+    initial.mkdir()
+    torch.save({"model": _RunsCode(marker)}, initial / "lit_model.pth")
+    for cfg_, args, culprit in ((cfg, (), ckpt / "lit_model.pth"),
+                                (config(corpus, tmp_path / "fresh"), ("--initial_checkpoint_dir", str(initial)),
+                                 initial / "lit_model.pth")):
+        proc = _cli(cfg_, *args)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, output
+        assert f"Cannot read {culprit} as tensors and plain data (weights_only=True)" in output, output
+        assert "Traceback" not in output
+    assert not marker.exists()  # the pickled command never ran
