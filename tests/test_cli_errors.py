@@ -84,8 +84,6 @@ CASES: dict[str, tuple[dict | None, list[str], list[str], str]] = {
     "train_key_typo": ({"train": {"max_step": 5}}, [], ["train.max_step", "did you mean 'max_steps'"], "inspect"),
     "data_key_typo": (data("mix_weight_str", "main:1"), [], ["data.init_args.mix_weight_str",
                                                              "did you mean 'mix_weights_str'"], "inspect"),
-    "wandb_not_installed": ({"logger_name": "wandb"}, [], ["needs the wandb package", "pip install 'midtrain[wandb]'"],
-                            "pretrain"),
     "logger_choice": ({"logger_name": "mlflow"}, [], ["logger_name", "'mlflow'", "tensorboard"], "inspect"),
     "strategy_choice": ({}, ["--strategy", "deepspeed"], ["strategy", "'deepspeed'", "fsdp"], "inspect"),
     "wrong_type": ({}, ["--train.micro_batch_size", "two"], ["train.micro_batch_size", "expected int", "'two'"],
@@ -177,7 +175,8 @@ def results(tmp_path_factory) -> dict[str, dict]:
         elif name != "config_file_missing":
             config.write_text(yaml.safe_dump(merge(base(root), patch)))
         cases[name] = (root, [command, "--config", str(config), *extra])
-    return run_cli_cases(cases, tmp_path_factory.mktemp("driver"))
+    results = run_cli_cases(cases, tmp_path_factory.mktemp("driver"))
+    return {name: {**result, "cwd": str(cases[name][0])} for name, result in results.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -193,8 +192,39 @@ def test_bad_config_fails_in_a_few_lines(name: str, results):
     assert "Does not validate against any of the Union subtypes" not in stderr
 
 
-def test_distinct_cases_at_least_20():
-    assert len(CASES) >= 20
+def test_each_case_is_refused_by_its_own_check(results):
+    """No two cases end in the same error: each exercises a check of its own (paths of the case masked)."""
+    firsts = {}
+    for name, result in results.items():
+        first = result["stderr"].strip().splitlines()[0] if result["stderr"].strip() else ""
+        firsts[name] = first.replace(str(Path(result["cwd"])), "ROOT")
+    repeated = {n: f for n, f in firsts.items() if list(firsts.values()).count(f) > 1}
+    assert len(CASES) >= 20 and not repeated, repeated
+
+
+def test_wandb_logger_needs_its_extra_or_logs_offline(tmp_path):
+    """``logger_name: wandb``: without the extra, one line naming it; with it (WANDB_MODE=offline, no network)
+    the run logs its training scalars into a local wandb run under out_dir/logs."""
+    import importlib.util
+
+    write_tree(tmp_path / "data", {"1": 3_000, "c1": 2_000}, vocab_size=TINY_MODEL["vocab_size"], chunk_tokens=500)
+    patch = {"logger_name": "wandb", "precision": "32-true", "compile": False, "train": {"max_steps": 2}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(merge(base(tmp_path), patch)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    out = subprocess.run([sys.executable, "-m", "midtrain", "pretrain", "--config", str(config)], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    if importlib.util.find_spec("wandb") is None:
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "needs the wandb package" in out.stderr and "pip install 'midtrain[wandb]'" in out.stderr
+        return
+    assert out.returncode == 0, out.stdout + out.stderr
+    runs = sorted((tmp_path / "out/logs/wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs, sorted(p.name for p in (tmp_path / "out/logs").rglob("*"))
+    records = runs[0].read_bytes()  # wandb's own record file: the logged keys are stored as text
+    assert b"train/main/loss" in records and b"tokens_per_sec_per_device" in records
+    assert "step 2/2 | loss" in (runs[0].parent / "files/output.log").read_text()
 
 
 def test_tiny_config_before_demo_data_says_how_to_build_it(tmp_path):

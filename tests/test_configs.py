@@ -183,8 +183,8 @@ def test_finetune_configs_have_the_planned_schema(rel: str):
 @pytest.mark.parametrize("rel", FINETUNE)
 def test_finetune_configs_parse_with_the_finetune_cli(rel: str):
     """Parse only (no instantiation: the SFT JSON files are not in the test tree)."""
-    finetune = pytest.importorskip("midtrain.train.finetune")
     from midtrain.cli import _parser
+    from midtrain.train import finetune
 
     cfg = _parser(finetune.setup, "midtrain finetune").parse_args(["--config", str(CONFIGS / rel)])
     assert str(cfg.checkpoint_dir).endswith(load(rel)["checkpoint_dir"])

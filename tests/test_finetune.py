@@ -355,3 +355,21 @@ def test_shards_prepared_with_another_tokenizer_are_refused(world, tmp_path):
     run("pretrain", ["--config", str(tmp_path / "pre.yaml"), "--tokenizer_dir", str(world["tok"])])  # the right one
     assert read_train_state(find_latest(tmp_path / "pre"))["tokenizer"]["fingerprint"] == json.loads(
         (data / "1" / "prepare.json").read_text())["tokenizer"]["fingerprint"]
+
+
+def test_two_process_replay_takes_each_ranks_share(world, tmp_path):
+    """replay.ratio 0.25 of a global batch of 8 on 2 processes: 1 replay sequence per rank and step, 2 in all, the
+    same sequences a single process takes; every rank taking the full 2 would train on 4."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    sgd = {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}}, "train.max_norm": None}
+    finetune(finetune_config(world, single, **sgd))
+    proc = subprocess.run([sys.executable, "-m", "midtrain", "finetune", "--config",
+                           str(finetune_config(world, ddp, devices=2, **sgd))],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state = read_train_state(find_latest(ddp))
+    assert state["world_size"] == 2 and state["replay"]["loader"]["consumed"] == 6 * 2
+    assert sum(state["replay"]["tokens_by_source"].values()) == 6 * 2 * SEQ
+    assert [r["tokens/replay"] for r in rows(ddp) if "loss" in r][-1] == 6 * 2 * SEQ
+    assert by_step(ddp, "loss") == pytest.approx(by_step(single, "loss"), rel=1e-5)
+    assert by_step(ddp, "val/c4/loss") == pytest.approx(by_step(single, "val/c4/loss"), rel=1e-5)

@@ -283,3 +283,98 @@ def test_token_accounting_survives_resume_between_log_steps(corpus, tmp_path):
     assert read_train_state(out / "step-00000004")["tokens_seen"] == 4 * 8 * 32
     pretrain(cfg, "--resume", str(out / "step-00000004"), "--out_dir", str(tmp_path / "other"))
     assert json.loads((tmp_path / "other" / "summary.json").read_text())["tokens_seen"] == 8 * 8 * 32
+
+
+def _bpe_tokenizers(root: Path) -> tuple[Path, Path]:
+    """Two tokenizer dirs that differ only in ``add_bos_token``: other token IDs for the same text."""
+    from midtrain.data.demo_corpus import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer([f"text number {i} of the corpus" for i in range(200)], root / "tok", vocab_size=300)
+    other = root / "other_tok"
+    shutil.copytree(tok, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": not config.get(
+        "add_bos_token", False)}))
+    return tok, other
+
+
+def test_resume_with_another_tokenizer_dir_is_refused_through_the_cli(corpus, tmp_path):
+    """README: a resume with another --tokenizer_dir is an error (runtime.check_compatible), not a silent run."""
+    tok, other = _bpe_tokenizers(tmp_path)
+    out = tmp_path / "run"
+    cfg = config(corpus, out, tokenizer_dir=str(tok))
+    pretrain(cfg, "--train.max_additional_steps", "2")
+    metrics = (out / "metrics.jsonl").read_text()
+    proc = _cli(cfg, "--tokenizer_dir", str(other))
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, output
+    assert "was trained with another tokenizer" in output and str(out / "step-00000002") in output
+    assert (out / "metrics.jsonl").read_text() == metrics and find_latest(out) == out / "step-00000002"
+    pretrain(cfg)  # the same tokenizer resumes
+    assert read_train_state(find_latest(out))["step"] == 8
+
+
+def test_crash_between_renames_then_a_crashed_save_keeps_the_previous_checkpoint(corpus, tmp_path):
+    """A kill between the two renames of a re-save leaves only ``.old-step-N`` (tests/test_checkpoints.py kills there
+    for real); the run resumes from it, and a second kill, before its next save's rename, must not lose it."""
+    whole = tmp_path / "whole"
+    pretrain(config(corpus, whole))
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    cfg = config(corpus, out, **{"train.save_interval": 2, "train.keep_last_checkpoints": 1})
+    pretrain(cfg, "--train.max_additional_steps", "4")
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-00000004"]
+    (out / "step-00000004").rename(out / ".old-step-00000004")  # the first rename of a re-save of step 4
+    (out / ".tmp-step-00000004").mkdir()  # its complete new copy, never renamed into place: the kill
+    assert find_latest(out) == out / ".old-step-00000004"
+
+    child = multiprocessing.get_context("fork").Process(
+        target=_pretrain_until_rename, args=(cfg, ".tmp-step-00000006", ready)
+    )
+    child.start()
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert child.is_alive() and time.monotonic() < deadline, "the child did not reach the step-6 save"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    assert find_latest(out) == out / ".old-step-00000004"  # the save of step 6 cleaned up, but kept this one
+
+    pretrain(cfg)  # the same command: from step 4 again
+    assert read_train_state(find_latest(out))["step"] == 8
+    assert records(out) == pytest.approx(records(whole), rel=1e-5, abs=1e-6)
+    assert find_latest(out) == out / "step-00000008" and not list(out.glob(".tmp-*"))
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a pickled (non-weights) checkpoint file may hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickled_checkpoint_is_refused_and_never_run(corpus, tmp_path):
+    """Resume and initial_checkpoint_dir read lit_model.pth with weights_only=True: pickled code is an error."""
+    import torch
+
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    cfg = config(corpus, out)
+    pretrain(cfg, "--train.max_additional_steps", "2")
+    ckpt = find_latest(out)
+    state = torch.load(ckpt / "lit_model.pth", weights_only=True)
+    torch.save({**state, "extra": _RunsCode(marker)}, ckpt / "lit_model.pth")
+    initial = tmp_path / "initial"
+    initial.mkdir()
+    torch.save({"model": _RunsCode(marker)}, initial / "lit_model.pth")
+    for cfg_, args, culprit in ((cfg, (), ckpt / "lit_model.pth"),
+                                (config(corpus, tmp_path / "fresh"), ("--initial_checkpoint_dir", str(initial)),
+                                 initial / "lit_model.pth")):
+        proc = _cli(cfg_, *args)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, output
+        assert f"Cannot read {culprit} as tensors and plain data (weights_only=True)" in output, output
+        assert "Traceback" not in output
+    assert not marker.exists()  # the pickled command never ran

@@ -1,7 +1,7 @@
 """training_scripts/ on a real SLURM cluster: jobs submitted with submit.sh, as a user would.
 
 Runs when ``sbatch`` is on the PATH and a node answers (``.ci/run`` starts a one-node cluster with
-``../shared/slurm/local-cluster.sh``; see README, "SLURM"); skipped with the reason otherwise, or an
+``util_scripts/local_slurm.sh``; see README, "SLURM"); skipped with the reason otherwise, or an
 error when ``MIDTRAIN_REQUIRE_SLURM=1`` (CI sets it once the cluster is up). The site file submits with
 ``--export=NONE`` from a directory outside the repository, so the environment must be set up inside
 the tasks and every script path must be absolute. Preemption is ``scancel --signal=USR1`` (what
@@ -46,10 +46,10 @@ if PROBLEM is not None:
     if os.environ.get("MIDTRAIN_REQUIRE_SLURM") == "1":
         raise RuntimeError(f"MIDTRAIN_REQUIRE_SLURM=1 but the SLURM cluster is not usable: {PROBLEM}")
     pytest.skip(f"SLURM integration tests skipped: {PROBLEM}. Start a local cluster with "
-                "`bash ../shared/slurm/local-cluster.sh` (README, SLURM).", allow_module_level=True)
+                "`sudo bash util_scripts/local_slurm.sh start` (README, SLURM).", allow_module_level=True)
 
 _NODE = subprocess.run(["sinfo", "-h", "-o", "%G %c"], capture_output=True, text=True).stdout.split()
-GPUS = 2 if "gpu:2" in _NODE[0] else 0  # local-cluster.sh's fake GPUs: --gpus-per-node as on a GPU node
+GPUS = 2 if "gpu:2" in _NODE[0] else 0  # local_slurm.sh's fake GPUs: --gpus-per-node as on a GPU node
 CPUS = int(_NODE[1].rstrip("+"))
 
 
@@ -126,8 +126,11 @@ def wait_done(cluster: Cluster, task: str) -> dict[str, str]:
     return state(task)
 
 
-def step_running(task: str) -> bool:
-    """The task's job step (srun) exists: only steps get --signal / scancel --signal, never a job without one."""
+def task_started(cluster: Cluster, task: str) -> bool:
+    """task.sh said it started (its SIGUSR1 trap is set) in the task's first attempt, and its job step exists:
+    only steps get --signal / scancel --signal, never a job without one."""
+    if "midtrain-sbatch: task 0 started" not in cluster.log(task):
+        return False
     out = subprocess.run(["squeue", "-h", "-s", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
     return re.search(rf"^{re.escape(task)}\.\d+$", out, re.MULTILINE) is not None
 
@@ -243,8 +246,7 @@ def test_single_process_preempted_before_and_during_training_resumes_exactly(clu
                          overrides=("--out_dir", "out/preempt1", "--train.log_interval", "1"))
     task = f"{job}_0"
     # 1. as soon as its step runs: the process is still starting (imports, data, model) -> checkpoint or clean requeue
-    wait_until("the job step", lambda: step_running(task), cluster, task)
-    time.sleep(1)  # past task.sh's first line (its trap); midtrain itself takes seconds to start
+    wait_until("task.sh's start", lambda: task_started(cluster, task), cluster, task)  # its trap is set
     preempt_and_requeue(cluster, task, restarts=1)
     # 2. in the middle of training
     wait_until("training after the requeue", lambda: reached_step(out, 8), cluster, task)
@@ -290,8 +292,7 @@ def test_finetune_and_evaluate_jobs(cluster, array):
     evaluate = cluster.submit(ev_site, "evaluate", str(TINY / "evaluate.yaml"),
                               overrides=("--checkpoints", checkpoints))
     task = f"{evaluate}_0"
-    wait_until("the job step", lambda: step_running(task), cluster, task)
-    time.sleep(1)
+    wait_until("task.sh's start", lambda: task_started(cluster, task), cluster, task)
     preempt_and_requeue(cluster, task, restarts=1)  # evaluate.sbatch asks for USR1: evaluate handles it
     assert_ok(cluster, task, restarts=1)
     assert_ok(cluster, f"{finetune}_0", restarts=0)

@@ -208,6 +208,7 @@ def test_task_turns_preemption_into_a_clean_end_of_the_step(env, tmp_path):
     """srun --kill-on-bad-exit kills sibling ranks when one exits non-zero: a preempted task exits 0 + marker."""
     out, marker = task(env, tmp_path, "bash", "-c", "exit 75")
     assert out.returncode == 0 and marker.exists()
+    assert "midtrain-sbatch: task 0 started" in out.stderr  # what tests/test_slurm.py waits for before signalling
     marker.unlink()
     out, marker = task(env, tmp_path, "bash", "-c", "exit 3")
     assert out.returncode == 3 and not marker.exists()
@@ -237,11 +238,10 @@ def test_batch_shell_forwards_a_b_signal_to_the_step(env, tmp_path):
     proc = subprocess.Popen(["bash", str(SCRIPTS / "pretrain.sbatch"), cfg], cwd=REPO, text=True,
                             env={**env, "SLURM_JOB_ID": "31"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     log = tmp_path / "midtrain.log"
-    for _ in range(100):
+    for _ in range(300):  # the stub writes it once its trap is set; the batch shell forwards from then on
         if log.exists():
             break
         time.sleep(0.1)
-    time.sleep(0.3)
     os.kill(proc.pid, signal.SIGUSR1)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err

@@ -214,8 +214,10 @@ run_task() {
     echo "+ $*" >&2
     "$@" &
     child=$!
+    local forward="note 'the batch shell got SIG$PREEMPT_SIGNAL (--signal=B:...): forwarding it to the job step'; kill -$PREEMPT_SIGNAL $child 2>/dev/null || true"
     # shellcheck disable=SC2064
-    trap "note 'the batch shell got SIG$PREEMPT_SIGNAL (--signal=B:...): forwarding it to the job step'; kill -$PREEMPT_SIGNAL $child 2>/dev/null || true" "$PREEMPT_SIGNAL"
+    trap "$forward" "$PREEMPT_SIGNAL"
+    (( PREEMPT_RECEIVED )) && eval "$forward"  # arrived between the start of the step and this trap
     wait_child "$child" && rc=0 || rc=$?
     trap - "$PREEMPT_SIGNAL"
     if [[ -f "$marker" ]] || (( rc == EXIT_PREEMPTED )); then

@@ -11,9 +11,11 @@
 #   it creates FILE and exits 0. srun --kill-on-bad-exit therefore never kills a sibling rank that is
 #   still writing its part of the checkpoint, and the batch script requeues the job when FILE exists.
 # * Forwards SIGUSR1 it receives to COMMAND (a batch shell forwarding a --signal=B:USR1 request).
+# * Says "task N started" on stderr once a SIGUSR1 can no longer kill it.
 set -euo pipefail
 PREEMPT_RECEIVED=0
 trap 'PREEMPT_RECEIVED=1' USR1  # first thing: a signal while this task is still setting up is not fatal
+echo "midtrain-sbatch: task ${SLURM_PROCID:-0} started" >&2  # from here on SIGUSR1 is a preemption (tests wait for it)
 
 repo="" site="" marker=""
 while (( $# )); do
