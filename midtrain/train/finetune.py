@@ -39,11 +39,13 @@ from midtrain.data.sft import IGNORE_INDEX, SFTOrder, StepBatches, scored_fracti
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
+from midtrain.preemption import shielded_iter
 from midtrain.preflight import check_finetune
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
+from midtrain.train.ownership import shared_start
 from midtrain.train.runtime import (
     PreemptionFlag,
     TrainingRun,
@@ -170,7 +172,7 @@ def main(
     seq_len = train.max_seq_length or config.block_size
     n_replay = replay.sequences_per_step(train.global_batch_size, world)
     n_sft = train.global_batch_size - n_replay
-    start = resolve_start(fabric, resume, out_dir, base)
+    start = shared_start(fabric, lambda: resolve_start(fabric, resume, out_dir, base), out_dir)
     if start.checkpoint is not None and "sft" not in start.saved:
         raise MidtrainError(
             f"{start.checkpoint} is not a fine-tuning checkpoint; to start from pretrained weights use checkpoint_dir."
@@ -305,8 +307,8 @@ def main(
         run.validate(step)
 
     # ---- the loop: one iteration = one optimizer step -----------------------------------------------
-    sft_iter = iter(sft_loader)
-    replay_iter = iter(replay_loader) if replay_loader is not None else None
+    sft_iter = shielded_iter(sft_loader)
+    replay_iter = shielded_iter(replay_loader) if replay_loader is not None else None
     # per part (sft, replay), this process: loss sums on the device (the window's and the last step's), scored
     # tokens and sequences on the host (the window's and the last step's); all reduced once per log step
     window_loss = torch.zeros(2, dtype=torch.float64, device=fabric.device)

@@ -23,10 +23,12 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import chunked_cross_entropy
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
+from midtrain.preemption import shielded_iter
 from midtrain.preflight import check_pretrain
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
+from midtrain.train.ownership import shared_start
 from midtrain.train.runtime import (
     PreemptionFlag,
     TrainingRun,
@@ -136,7 +138,7 @@ def main(
     accum = train.gradient_accumulation_iters(fabric.world_size)
     seq_len = train.max_seq_length or config.block_size
     schedule = train.schedule()
-    start = resolve_start(fabric, resume, out_dir, initial_checkpoint_dir)
+    start = shared_start(fabric, lambda: resolve_start(fabric, resume, out_dir, initial_checkpoint_dir), out_dir)
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
     check_tokenizer(
         fabric, tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values()),
@@ -226,7 +228,7 @@ def main(
         run.validate(step)
 
     # ---- the loop: one iteration = one optimizer step -----------------------------------------
-    train_iter = iter(loader)
+    train_iter = shielded_iter(loader)
     # on the device, read once per log interval: per type, the sum of sequence mean losses and the sequences
     sums = torch.zeros(len(types), 2, dtype=torch.float64, device=fabric.device)
     source_type, source_shard = _source_maps(loader, types, shard_index, fabric.device)
@@ -238,7 +240,7 @@ def main(
             state = loader.state_dict()
             loader = data.train_dataloader(step)
             loader.load_state_dict(state)
-            train_iter = iter(loader)
+            train_iter = shielded_iter(loader)
             history.append(
                 _switch(
                     step,
