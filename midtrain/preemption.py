@@ -18,6 +18,7 @@ has checkpointed (they ignore it; SIGKILL still ends them).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import sys
 from collections.abc import Iterator
@@ -98,9 +99,15 @@ def shielded() -> Iterator[None]:
 
 
 def shielded_iter(loader: Any) -> Iterator[Any]:
-    """``iter(loader)`` with its worker processes started inside :func:`shielded`."""
+    """``iter(loader)`` with its worker processes started inside :func:`shielded` (they start at the first item
+    when ``__iter__`` is a generator, so that one is taken inside too)."""
+    items = iter(loader)
     with shielded():
-        return iter(loader)
+        first = next(items, _END)
+    return iter(()) if first is _END else itertools.chain([first], items)
+
+
+_END = object()
 
 
 def exit_if_requested(fabric: Any, where: str) -> None:
