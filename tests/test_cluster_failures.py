@@ -121,7 +121,7 @@ def test_a_live_owner_refuses_a_second_start_and_a_killed_one_does_not_block(cor
 
 def test_two_processes_resume_from_rank_0s_checkpoint_and_prune_by_renaming(corpus, tmp_path):
     out = tmp_path / "run"
-    cfg = pretrain_config(corpus, out, max_steps=3, save_interval=1, keep_last_checkpoints=2)
+    cfg = pretrain_config(corpus, out, max_steps=3, save_interval=1, keep_last_checkpoints=2, global_batch_size=8)
     for end in (3, 5):
         proc = subprocess.run([sys.executable, "-m", "midtrain", "pretrain", "--config", str(cfg), "--devices", "2",
                                "--data.init_args.num_workers", "0", "--train.max_steps", str(end)],
