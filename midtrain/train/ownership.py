@@ -1,8 +1,8 @@
 """One live owner per run directory, and one view of it: rank 0 claims ``out_dir``, cleans it, resolves the start
 and broadcasts it to the other ranks.
 
-**Ownership.** Rank 0 holds an exclusive ``flock`` on ``out_dir/.owner.lock`` for as long as its process
-lives, and writes who it is into the file (SLURM job id, host, pid, start time). A second start on the
+**Ownership.** Rank 0 holds an exclusive ``flock`` on ``.<out_dir name>.owner.lock`` next to ``out_dir`` as long
+as its process lives, and writes who it is into the file (SLURM job id, host, pid, start time). A second start on the
 same ``out_dir`` (a manual resubmit while the requeued task is pending; two configs with one
 ``out_dir``) cannot take the lock and stops at once, naming the owner. The kernel drops the lock
 when the owner dies however it dies (``kill -9``; on a node loss, when the file server notices), so
@@ -30,7 +30,12 @@ from typing import Any
 
 from midtrain.errors import MidtrainError
 
-LOCK_FILE = ".owner.lock"
+
+def lock_file(out_dir: Path) -> Path:
+    """``.<name>.owner.lock`` next to ``out_dir`` (so a refused or failed start leaves no ``out_dir`` behind)."""
+    return out_dir.parent / f".{out_dir.name}.owner.lock"
+
+
 _held: dict[Path, int] = {}  # lock file -> open descriptor, kept for the life of the process
 
 
@@ -72,9 +77,9 @@ def _stale(owner: dict[str, Any]) -> bool:
 
 def claim(out_dir: Path | str) -> None:
     """Make this process the owner of ``out_dir`` until it exits; a MidtrainError naming the owner if it has one."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = (out_dir / LOCK_FILE).resolve()
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # the run directory itself only once the run begins
+    path = lock_file(out_dir)
     if path in _held:  # this process already owns it (commands run one after another in one process)
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
