@@ -28,7 +28,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
+from lightning.fabric.utilities.throughput import get_available_flops
 from measure import peak_mb, print_table, run_module
 
 from midtrain.data.synthetic import write_tree
@@ -137,7 +139,25 @@ def main() -> None:
             rows, "tokens/s", "litgpt pretrain",
         )  # fmt: skip
         if mfus:
-            print(f"midtrain MFU (median) = {statistics.median(mfus):.3f}")
+            print(f"midtrain MFU (median of its logged mfu) = {statistics.median(mfus):.3f}")
+        if args.device == "cuda":  # one formula for both: tokens/s x model FLOPs per token / device peak FLOP/s
+            per_token = model_flops_per_token(litgpt_cfg, seq, batch)
+            peak = get_available_flops(torch.device("cuda"), torch.bfloat16 if "bf16" in args.precision else
+                                       torch.float32)  # fmt: skip
+            for name, values in rows.items():
+                speed = statistics.median(v for v, _ in values)
+                print(f"{name}: MFU = {speed * per_token / peak:.3f}" if peak else f"{name}: device peak unknown")
+
+
+def model_flops_per_token(cfg: Path, seq: int, batch: int) -> float:
+    """Forward + backward FLOPs per token of the benchmarked model (midtrain's own MFU formula)."""
+    from litgpt.config import Config
+
+    from midtrain.train.pretrain import _flops_per_batch
+
+    raw = yaml.safe_load(cfg.read_text())
+    config = Config(**raw["model_config"]) if "model_config" in raw else Config.from_name(raw["model_name"])
+    return _flops_per_batch(config, batch, seq) / (batch * seq)
 
 
 if __name__ == "__main__":

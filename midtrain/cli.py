@@ -304,8 +304,9 @@ def condense(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    preemption.install()  # first: a SLURM signal during the imports and setup below still means checkpoint + requeue
     argv = list(sys.argv[1:] if argv is None else argv)
+    # first: a SLURM signal during the imports and setup below still means checkpoint + requeue
+    preemption.install(sigterm=bool(argv) and argv[0] in preemption.COMMANDS)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]

@@ -26,3 +26,9 @@ site_activate() {
     # shellcheck disable=SC1091
     source "${MIDTRAIN_REPO}/.venv/bin/activate"
 }
+
+# Preemption lead time: the sbatch scripts ask for --signal=USR1@120 (before the time limit). On a
+# partition with PreemptMode=REQUEUE/CANCEL, a preempted job gets SIGTERM and, GraceTime seconds later,
+# SIGKILL: ask your admins for a GraceTime above one checkpoint save (midtrain prints it at the first
+# save; a 1B model with Adam state on a parallel filesystem can take minutes). midtrain checkpoints and
+# exits 75 on either signal.

@@ -140,24 +140,39 @@ def scored_fraction(dataset: Dataset, limit: int | None = None) -> float:
     return scored / max(n, 1)
 
 
-class _Subset(Dataset):
-    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
-        self.dataset, self.indices = dataset, indices
+class RankShare(Dataset):
+    """Rank ``rank``'s share of the first ``n`` samples of ``dataset`` (``rank, rank + world_size, ...``), padded to
+    ``ceil(n / world_size)`` items with copies of a sample whose labels are all masked.
+
+    Every rank then runs the same number of forwards (each one a collective under FSDP), and the padding adds no
+    scored token, so a summed, all-reduced loss is the same for every world size.
+    """
+
+    def __init__(self, dataset: Dataset, n: int, rank: int, world_size: int) -> None:
+        self.dataset, self.indices = dataset, list(range(rank, n, world_size))
+        self.length = -(-n // world_size)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.length
 
     def __getitem__(self, i: int) -> dict:
-        return self.dataset[self.indices[i]]
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        if i < len(self.indices):
+            return self.dataset[self.indices[i]]
+        sample = dict(self.dataset[0])
+        sample["labels"] = torch.full_like(torch.as_tensor(sample["labels"]), IGNORE_INDEX)
+        return sample
 
 
 def sft_val_loader(
     dataset: Dataset, batch_size: int, max_samples: int | None, rank: int, world_size: int, num_workers: int = 0
 ) -> DataLoader:
-    """The first ``max_samples`` validation samples (all if None), split across processes by stride."""
+    """The first ``max_samples`` validation samples (all if None), split across processes by stride and padded to
+    the same number of items on every process (:class:`RankShare`)."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     return DataLoader(
-        _Subset(dataset, list(range(rank, n, world_size))),
+        RankShare(dataset, n, rank, world_size),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_sft,

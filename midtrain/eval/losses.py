@@ -43,6 +43,7 @@ from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from midtrain.data.sft import RankShare
 from midtrain.data.sharded_mixed import ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
@@ -219,9 +220,9 @@ def sft_loader(
     world_size: int = 1,
 ) -> DataLoader:
     """(inputs, targets) batches of SFT examples, this rank's share; padding and masked tokens are -100."""
-    dataset = SFTDataset(records[rank::world_size], tokenizer, prompt_style, seq_len + 1, mask_prompt)
+    dataset = SFTDataset(records, tokenizer, prompt_style, seq_len + 1, mask_prompt)
     collate = partial(_shift_sft, collate=get_sft_collate_fn(pad_id=0, ignore_index=-100))
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    return DataLoader(RankShare(dataset, len(records), rank, world_size), batch_size=batch_size, collate_fn=collate)
 
 
 @torch.no_grad()

@@ -20,6 +20,8 @@ to disk, and then renamed to ``step-XXXXXXXX`` (a single ``os.replace``). A kill
 leaves either no ``step-*`` directory for that step or a complete one; ``find_latest`` additionally
 requires the marker. Re-saving an existing step moves the old one to ``.old-step-XXXXXXXX`` for the
 instant between two renames; ``find_latest`` falls back to it if a crash hits exactly there.
+Pruning renames a checkpoint to ``.del-step-XXXXXXXX`` before deleting it; :func:`clean_leftovers`
+(at every start and save) removes what interrupted saves and deletes left.
 ``out_dir`` must be on a filesystem shared by all ranks.
 """
 
@@ -59,6 +61,7 @@ FINAL_DIR = "final"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _OLD_PREFIX = ".old-"
 _TMP_PREFIX = ".tmp-"
+_DEL_PREFIX = ".del-"  # a checkpoint being deleted (pruning)
 
 
 def checkpoint_name(step: int) -> str:
@@ -180,7 +183,10 @@ def load_checkpoint(fabric: Fabric, path: Path | str, state: dict[str, Any], str
     if (path / MODEL_FILE).is_file():
         read_weights_only(path / MODEL_FILE)  # FSDP's full-checkpoint reader is not restricted; refuse pickled code
     try:
-        fabric.load(path / MODEL_FILE, state, strict=strict, weights_only=True)
+        from midtrain.train.loading import load_fsdp_resume
+
+        if not load_fsdp_resume(fabric, path / MODEL_FILE, state, strict=strict):
+            fabric.load(path / MODEL_FILE, state, strict=strict, weights_only=True)
     except (KeyError, RuntimeError, pickle.UnpicklingError) as err:
         written_for = path / MODEL_CONFIG_FILE
         hint = f"\nIt was written for the model in {written_for}." if written_for.is_file() else ""
@@ -251,8 +257,35 @@ def prune_checkpoints(out_dir: Path | str, keep_last: int | None) -> list[Path]:
     )
     doomed = [path for _, path in steps[:-keep_last]]
     for path in doomed:
-        shutil.rmtree(path)
+        _delete(path)
     return doomed
+
+
+def _delete(path: Path) -> None:
+    """Rename ``path`` out of the way (``.del-step-*``, one atomic step), then delete it.
+
+    A reader that opens ``step-*`` afterwards finds it gone rather than half deleted (one that has its files open
+    keeps reading them); a kill mid-delete leaves a ``.del-*`` that :func:`clean_leftovers` removes at the next start.
+    """
+    doomed = path.with_name(f"{_DEL_PREFIX}{path.name}")
+    os.replace(path, doomed)
+    _fsync(path.parent)
+    shutil.rmtree(doomed)
+
+
+def clean_leftovers(out_dir: Path | str) -> list[Path]:
+    """Delete what interrupted saves (``.tmp-*``) and deletes (``.del-*``) left in ``out_dir``, and moved-aside old
+    checkpoints (``.old-*``) whose replacement is complete; return what was removed. Rank 0 only."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    removed = []
+    for child in sorted(out_dir.iterdir()):
+        replaced = child.name.startswith(_OLD_PREFIX) and is_complete(out_dir / child.name.removeprefix(_OLD_PREFIX))
+        if child.name.startswith((_TMP_PREFIX, _DEL_PREFIX)) or replaced:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
 
 
 def _write_atomically(
@@ -270,7 +303,7 @@ def _write_atomically(
     final, tmp, old = out_dir / name, out_dir / f"{_TMP_PREFIX}{name}", out_dir / f"{_OLD_PREFIX}{name}"
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(out_dir)
+        clean_leftovers(out_dir)
         tmp.mkdir()
     fabric.barrier()
     fabric.save(tmp / MODEL_FILE, state)  # collective; ends with a barrier
@@ -307,15 +340,6 @@ def _unwrap_model_file(file: Path) -> None:
     torch.save(state_dict, file.with_suffix(".plain"))
     del state_dict
     os.replace(file.with_suffix(".plain"), file)
-
-
-def _remove_leftovers(out_dir: Path) -> None:
-    """Delete interrupted saves, and moved-aside old checkpoints whose replacement is complete."""
-    for child in out_dir.iterdir():
-        if child.name.startswith(_TMP_PREFIX):
-            shutil.rmtree(child)
-        elif child.name.startswith(_OLD_PREFIX) and is_complete(out_dir / child.name.removeprefix(_OLD_PREFIX)):
-            shutil.rmtree(child)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -39,6 +39,7 @@ from midtrain.data.replay import Replay
 from midtrain.data.sft import IGNORE_INDEX, SFTOrder, StepBatches, scored_fraction, sft_val_loader, step_micro_batches
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.errors import MidtrainError
+from midtrain.preemption import shielded_iter
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import (
@@ -223,8 +224,8 @@ class FinetuneSteps:
             f"{train.max_steps} steps = {train.max_steps * n_sft / n_train:.2f} epochs; "
             f"validation sets: {', '.join(sft.val_loaders) or 'none'}."
         )
-        self.sft_iter = iter(sft_loader)
-        self.replay_iter = iter(self.replay_loader) if self.replay_loader is not None else None
+        self.sft_iter = shielded_iter(sft_loader)
+        self.replay_iter = shielded_iter(self.replay_loader) if self.replay_loader is not None else None
         # counters since the last flush into ``counts``/``replay_by_source`` (this process, host): scored SFT and
         # replay tokens, replay sequences per source
         n_sources = len(self.replay_loader.sources) if self.replay_loader is not None else 0

@@ -24,6 +24,7 @@ from litgpt.utils import chunked_cross_entropy
 from midtrain.config.commands import PretrainConfig
 from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.sharded_mixed import ShardedMixedDataset
+from midtrain.preemption import shielded_iter
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import (
@@ -165,7 +166,7 @@ class PretrainSteps:
         self._start_stream()
 
     def _start_stream(self) -> None:
-        self.train_iter = iter(self.loader)
+        self.train_iter = shielded_iter(self.loader)
         self.source_type, self.source_shard = _source_maps(
             self.loader, self.types, self.shard_index, self.fabric.device
         )

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from midtrain import preemption
 from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.errors import MidtrainError
-from midtrain.preemption import EXIT_PREEMPTED
+from midtrain.preemption import EXIT_PREEMPTED, report_save_time
 from midtrain.tokenizer_fingerprint import check_shard_tokenizers, tokenizer_fingerprint
 from midtrain.train.checkpoints import (
     FINAL_DIR,
@@ -37,12 +37,13 @@ from midtrain.train.checkpoints import (
     own_checkpoint,
     prune_checkpoints,
     read_train_state,
-    read_weights_only,
     resolve_resume,
     save_checkpoint,
     save_final,
 )
+from midtrain.train.loading import load_model_entry
 from midtrain.train.loss import micro_batch_loss
+from midtrain.train.ownership import shared_start
 
 BRANCH_FILE = "branch_point.json"
 METRICS_FILE = "metrics.jsonl"
@@ -219,7 +220,16 @@ class Start:
 def resolve_start(
     fabric: L.Fabric, resume: bool | Literal["auto"] | Path | str | None, out_dir: Path, initial_weights: Path | None
 ) -> Start:
-    """The one resume policy of ``pretrain`` and ``finetune`` (every rank resolves it alike).
+    """Rank 0 claims ``out_dir`` (one live owner), cleans leftovers of interrupted saves and applies
+    :func:`_resume_policy`; every rank gets its answer (never a listing of its own, which a stale NFS
+    directory cache could make differ)."""
+    return shared_start(fabric, lambda: _resume_policy(fabric, resume, out_dir, initial_weights), out_dir)
+
+
+def _resume_policy(
+    fabric: L.Fabric, resume: bool | Literal["auto"] | Path | str | None, out_dir: Path, initial_weights: Path | None
+) -> Start:
+    """The one resume policy of ``pretrain`` and ``finetune``.
 
     * ``out_dir`` holds a complete checkpoint: continue from its newest, whatever ``resume`` names
       (the same command resubmitted continues the same run); ``resume: false`` is refused rather
@@ -370,12 +380,8 @@ def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
     path = directory / MODEL_FILE
     if not path.is_file():
         raise MidtrainError(f"{directory} has no {MODEL_FILE}; point it at a litgpt or midtrain checkpoint directory.")
-    wrapped = isinstance(read_weights_only(path).get("model"), dict)
     try:
-        if wrapped:
-            fabric.load(path, {"model": model}, strict=True, weights_only=True)
-        else:
-            fabric.load_raw(path, model, strict=True, weights_only=True)
+        load_model_entry(fabric, model, path)  # the "model" entry only, memory-mapped
     except (KeyError, RuntimeError) as err:
         raise MidtrainError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from err
     fabric.print(f"Loaded weights from {path}.")
@@ -442,11 +448,12 @@ class TrainingRun:
             "world_size": self.fabric.world_size,
             "reason": reason,
         }
+        began = time.perf_counter()
         path = save_checkpoint(
             self.fabric, self.out_dir, step, {"model": self.model, "optimizer": self.optimizer}, state, self.hparams,
             model_config=dataclasses.asdict(self.config), tokenizer_dir=self.tokenizer_dir,
         )  # fmt: skip
-        self.fabric.print(f"Saved checkpoint {path} ({reason}).")
+        report_save_time(self.fabric, self.metrics, step, path, reason, time.perf_counter() - began)
         if self.fabric.global_rank == 0 and self.keep_last is not None:
             for old in prune_checkpoints(self.out_dir, self.keep_last):
                 self.fabric.print(f"Removed {old.name} (train.keep_last_checkpoints={self.keep_last}).")
@@ -555,8 +562,10 @@ class TrainingRun:
         (``steps.summary()`` is taken last, so its figures include the end)."""
         step = self.step
         last = self.save(step, steps.state(), "end") if step > self.start.step else self.start.checkpoint
+        preemption.exit_if_requested(self.fabric, "after the end checkpoint")
         if final_validation and self.val_loaders:
             self.validate(step, final=True)
+            preemption.exit_if_requested(self.fabric, "after the final validation")
         final = save_final(
             self.fabric, self.out_dir, self.model, self.hparams, dataclasses.asdict(self.config), self.tokenizer_dir
         )
