@@ -4,8 +4,8 @@ A checkpoint is one of ours (``step-XXXXXXXX/`` with a ``COMPLETE`` marker, step
 from its ``train_state.json``) or a litgpt checkpoint directory (``lit_model.pth`` holding a plain
 state dict, plus ``model_config.yaml``). A validation set is
 
-* a token shard (a litdata directory with ``index.json``): a fixed, evenly spaced sample of
-  ``max_seq_length + 1`` token windows (:class:`~midtrain.data.sharded_mixed.ValWindows`), every
+* a token shard (a litdata directory with ``index.json``, local or an ``s3://``/``gs://`` URL): a fixed,
+  evenly spaced sample of ``max_seq_length + 1`` token windows (:class:`~midtrain.data.sharded_mixed.ValWindows`), every
   next-token prediction scored;
 * an SFT file (``.json`` list or ``.jsonl`` of records with ``instruction``, optional ``input``,
   ``output``): prompts rendered by litgpt's ``PromptStyle``, tokenised with the checkpoint's
@@ -48,6 +48,7 @@ from midtrain.data.sharded_mixed import ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
+from midtrain.storage import is_remote, location
 from midtrain.train.checkpoints import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, is_complete, read_train_state
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights
@@ -72,7 +73,7 @@ class ValSet:
     """A named validation set: a token shard directory or an SFT JSON/JSONL file."""
 
     name: str
-    path: Path
+    path: Path | str
     kind: Literal["tokens", "sft"]
 
 
@@ -139,7 +140,7 @@ def parse_val_sets(specs: list[str] | str | dict[str, str]) -> list[ValSet]:
             raise MidtrainError(f"Validation set name {name!r} must use letters, digits, '_', '-', '.', '/' only.")
         if any(s.name == name for s in sets):
             raise MidtrainError(f"Validation set {name!r} is given twice.")
-        sets.append(ValSet(name, Path(raw).expanduser(), _kind(name, Path(raw).expanduser())))
+        sets.append(ValSet(name, location(raw), _kind(name, location(raw))))
     return sets
 
 
@@ -150,7 +151,9 @@ def _split_spec(spec: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
-def _kind(name: str, path: Path) -> Literal["tokens", "sft"]:
+def _kind(name: str, path: Path | str) -> Literal["tokens", "sft"]:
+    if is_remote(path):
+        return "tokens"  # its index.json is read (and checked) when the set is loaded
     if path.is_dir() and (path / "index.json").is_file():
         return "tokens"
     if path.is_file() and path.suffix in (".json", ".jsonl"):
@@ -200,7 +203,7 @@ def _shift_sft(samples: list[dict], collate) -> tuple[torch.Tensor, torch.Tensor
     return batch["input_ids"][:, :-1], batch["labels"][:, 1:]
 
 
-def token_loader(path: Path, seq_len: int, max_samples: int | None, batch_size: int) -> DataLoader:
+def token_loader(path: Path | str, seq_len: int, max_samples: int | None, batch_size: int) -> DataLoader:
     """(inputs, targets) batches of fixed windows of a token shard, this rank's share."""
     load_shard("val", "val", path).check_block_size(seq_len + 1)
     windows = ValWindows(path, seq_len + 1, max_samples)
