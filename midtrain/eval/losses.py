@@ -48,8 +48,9 @@ from midtrain.data.sharded_mixed import ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
+from midtrain.rundir import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, has_tokenizer
 from midtrain.storage import is_remote, location
-from midtrain.train.checkpoints import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, is_complete, read_train_state
+from midtrain.train.checkpoints import is_complete, read_train_state
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights
 
@@ -113,7 +114,7 @@ def _checkpoint(path: Path) -> Checkpoint | None:
     if not path.is_dir():
         print(f"evaluate: skipping {path}: not a directory.")
         return None
-    if (path / "train_state.json").exists():  # ours (a ``final/`` dir has none: a plain litgpt checkpoint)
+    if (path / TRAIN_STATE_FILE).exists():  # ours (a ``final/`` dir has none: a plain litgpt checkpoint)
         if not is_complete(path):
             print(f"evaluate: skipping incomplete checkpoint {path} (no {MARKER_FILE} marker or missing files).")
             return None
@@ -256,7 +257,7 @@ def load_model(fabric: L.Fabric, checkpoint: Checkpoint, seq_len: int) -> torch.
 def checkpoint_tokenizer(checkpoint: Checkpoint, tokenizer_dir: Path | None) -> Tokenizer:
     """``tokenizer_dir`` if given, else the tokenizer files stored in the checkpoint."""
     directory = Path(tokenizer_dir) if tokenizer_dir is not None else checkpoint.path
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+    if not has_tokenizer(directory):
         raise MidtrainError(
             f"SFT sets need a tokenizer, and {directory} has no tokenizer.json / tokenizer.model; "
             "pass --tokenizer_dir or train with tokenizer_dir so checkpoints carry it."

@@ -54,6 +54,7 @@ import numpy as np
 from midtrain.data.mixture import parse_weights
 from midtrain.data.shards import Shard, classify, discover_shards, load_shard, shard_type_table
 from midtrain.errors import MidtrainError
+from midtrain.rundir import has_tokenizer, to_plain
 from midtrain.storage import is_remote, location, open_dataset
 
 WORD_RE = re.compile(r"\w+|[^\w\s]+")
@@ -393,7 +394,7 @@ def find_tokenizer_dir(sources: Sequence[Source]) -> Path | None:
     """``<data_path>/tokenizer`` next to the first shard source that has one."""
     for shard in (s for source in sources for s in source.shards if not is_remote(s.path)):
         candidate = shard.path.parent / "tokenizer"
-        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer.model").is_file():
+        if has_tokenizer(candidate):
             print(f"similarity: using the tokenizer found next to the shards: {candidate}")
             return candidate
     return None
@@ -599,21 +600,11 @@ def render(result: dict) -> str:
     return "\n".join(text)
 
 
-def _jsonable(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def write_results(out: Path, payload: dict, rows: Sequence[dict]) -> Path:
     """Write ``payload`` as JSON (non-finite floats become null) or ``rows`` as CSV, by ``out``'s suffix."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
-        out.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+        out.write_text(json.dumps(to_plain(payload, finite=True), indent=2) + "\n")
     elif out.suffix.lower() == ".csv":
         fieldnames = list(dict.fromkeys(k for r in rows for k in r))
         with out.open("w", newline="") as f:

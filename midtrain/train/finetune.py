@@ -40,6 +40,7 @@ from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.preflight import check_finetune
+from midtrain.rundir import TOKENIZER_MODEL_FILES, has_tokenizer
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
 from midtrain.train.loggers import build_logger
@@ -56,8 +57,6 @@ from midtrain.train.runtime import (
     run_config,
 )
 from midtrain.train.schedules import lr_at
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def setup(
@@ -117,10 +116,10 @@ def setup(
         )
     base = _resolve_base(Path(checkpoint_dir))
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else base
-    if not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
+    if not has_tokenizer(tokenizer_dir):
         raise MidtrainError(
-            f"No tokenizer ({' or '.join(TOKENIZER_FILES)}) in {tokenizer_dir}; pass tokenizer_dir, the tokenizer "
-            "the checkpoint was pretrained with."
+            f"No tokenizer ({' or '.join(TOKENIZER_MODEL_FILES)}) in {tokenizer_dir}; pass tokenizer_dir, the "
+            "tokenizer the checkpoint was pretrained with."
         )
     if (epochs is None) == (train.max_steps is None):
         raise MidtrainError("Give exactly one of train.max_steps or epochs for the fine-tuning length.")

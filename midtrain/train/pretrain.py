@@ -24,6 +24,7 @@ from litgpt.utils import chunked_cross_entropy
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.preflight import check_pretrain
+from midtrain.rundir import MIXTURE_HISTORY_FILE, write_json
 from midtrain.train.args import EvalArgs, TrainArgs
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
@@ -37,7 +38,6 @@ from midtrain.train.runtime import (
     load_initial_weights,
     resolve_start,
     run_config,
-    write_json,
 )
 from midtrain.train.schedules import lr_at
 
@@ -190,7 +190,7 @@ def main(
     flops_per_step = _flops_per_batch(config, train.micro_batch_size, seq_len) * accum * fabric.world_size
     peak_flops = get_available_flops(fabric.device, _compute_dtype(fabric))
     if fabric.global_rank == 0:
-        write_json(out_dir / "mixture_history.json", history)
+        write_json(out_dir / MIXTURE_HISTORY_FILE, history)
 
     step_tokens = torch.zeros(len(data.shards), dtype=torch.int64)  # this rank, since the last flush
     shard_index = {s.id: i for i, s in enumerate(data.shards)}
@@ -251,7 +251,7 @@ def main(
             stage_index, stage = new_index, new_stage
             source_type, source_shard = _source_maps(loader, types, shard_index, fabric.device)
             if fabric.global_rank == 0:
-                write_json(out_dir / "mixture_history.json", history)
+                write_json(out_dir / MIXTURE_HISTORY_FILE, history)
 
         lr = lr_at(step, train.max_steps, base_lr, schedule)
         for group in optimizer.param_groups:

@@ -26,12 +26,22 @@ from torch.utils.data import DataLoader
 from midtrain import preemption
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
-from midtrain.tokenizer_fingerprint import check_shard_tokenizers, tokenizer_fingerprint
-from midtrain.train.checkpoints import (
+from midtrain.rundir import (
+    BRANCH_FILE,
     FINAL_DIR,
     MARKER_FILE,
+    METRICS_FILE,
     MODEL_FILE,
+    SUMMARY_FILE,
     TRAIN_STATE_FILE,
+    check_recorded_tokenizer,
+    check_shard_tokenizers,
+    read_json,
+    to_plain,
+    tokenizer_fingerprint,
+    write_json,
+)
+from midtrain.train.checkpoints import (
     load_checkpoint,
     own_checkpoint,
     prune_checkpoints,
@@ -43,9 +53,6 @@ from midtrain.train.checkpoints import (
 )
 from midtrain.train.loss import micro_batch_loss
 
-BRANCH_FILE = "branch_point.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 PREEMPTION_POLL_SECONDS = 10.0
 """Several processes agree on the preemption flag at every log step (inside the metrics reduction) and, between
 log steps, with one small collective about this often (never every step: each one is a host-device sync)."""
@@ -161,19 +168,7 @@ class PreemptionFlag:
 
 def run_config(local_vars: dict) -> dict:
     """The run config as plain data (saved with every checkpoint)."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, Path):
-            return str(v)
-        return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
-
-    return {k: plain(v) for k, v in local_vars.items() if not k.startswith("_")}
+    return {k: to_plain(v, repr) for k, v in local_vars.items() if not k.startswith("_")}
 
 
 def check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str | None, path: Path) -> None:
@@ -252,7 +247,7 @@ def resolve_start(
         if named is not None and named not in (own.resolve(), (own / MODEL_FILE).resolve()):
             fabric.print(f"{out_dir} already has checkpoint {own.name}: continuing it, not starting from {resume}.")
         saved = read_train_state(own)
-        branch = saved.get("branch_point") or _read_json(out_dir / BRANCH_FILE)
+        branch = saved.get("branch_point") or read_json(out_dir / BRANCH_FILE)
         if branch is None:
             fabric.print(f"note: {own} records no branch point; max_additional_steps counts from step 0.")
             branch = {"step": 0, "checkpoint": None, "initial_weights": None}
@@ -365,15 +360,12 @@ def check_tokenizer(
         return
     if note := check_shard_tokenizers(tokenizer_dir, shard_dirs):
         fabric.print(note)
-    saved = _read_json(Path(weights_dir) / TRAIN_STATE_FILE) if weights_dir is not None else None
-    recorded = (saved or {}).get("tokenizer") or {}
-    fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    if recorded.get("fingerprint") not in (None, fingerprint):
-        raise MidtrainError(
-            f"{weights_dir} was trained with tokenizer {recorded.get('directory')} (fingerprint "
-            f"{recorded['fingerprint'][:12]}), this run uses {tokenizer_dir} (fingerprint {fingerprint[:12]}); token "
-            "IDs would not mean the same thing. Use the tokenizer the weights were trained with."
-        )
+    saved = read_json(Path(weights_dir) / TRAIN_STATE_FILE) if weights_dir is not None else None
+    check_recorded_tokenizer(
+        (saved or {}).get("tokenizer"), tokenizer_fingerprint(tokenizer_dir), tokenizer_dir,
+        f"{weights_dir} was trained",
+        "token IDs would not mean the same thing. Use the tokenizer the weights were trained with.",
+    )  # fmt: skip
 
 
 def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
@@ -534,12 +526,3 @@ class TrainingRun:
             )  # fmt: skip
         self.fabric.barrier()
 
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
