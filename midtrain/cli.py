@@ -41,9 +41,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "similarity": ("midtrain.eval.similarity:similarity", "n-gram / token similarity and proximity advantage."),
     "efficiency": ("midtrain.eval.efficiency:efficiency", "Fit loss = A/x^B + C and report data-efficiency."),
     "report": ("midtrain.report.report:report", "Plots and a markdown summary of one or more runs."),
-    "demo": ("midtrain.demo:demo", "The whole method on one CPU in minutes, no download."),
+    "demo": ("midtrain.demo.run:demo", "The whole method on one CPU in minutes, no download."),
 }
-PREPARE_DEMO = "midtrain.data.demo_corpus:prepare_demo"
+PREPARE_DEMO = "midtrain.demo.corpus:prepare_demo"
 TRAINING = ("inspect", "pretrain", "finetune")
 
 

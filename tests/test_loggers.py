@@ -8,7 +8,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from midtrain.cli import run
-from midtrain.data.synthetic import write_tree
+from tests.synthetic import write_tree
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32, "vocab_size": 256,
          "padded_vocab_size": 256}  # fmt: skip

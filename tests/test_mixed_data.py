@@ -14,8 +14,8 @@ import torch
 from midtrain.data import ShardedMixedDataset
 from midtrain.data.mixture import MixtureSpec, resolve_mixture
 from midtrain.data.shards import discover_shards
-from midtrain.data.synthetic import write_shard, write_tree
 from midtrain.errors import MidtrainError
+from tests.synthetic import write_shard, write_tree
 
 SEQ = 16  # max_seq_length; samples are SEQ + 1 tokens
 

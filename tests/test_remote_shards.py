@@ -26,9 +26,11 @@ import yaml
 from midtrain.cli import run
 from midtrain.data.mixture import MixtureSpec, resolve_mixture
 from midtrain.data.shards import discover_shards, load_shard
-from midtrain.data.synthetic import write_tree
 from midtrain.errors import MidtrainError
 from midtrain.train.checkpoints import find_latest, read_train_state
+from tests.synthetic import write_tree
+
+pytestmark = pytest.mark.slow  # spawns an S3 server process and training subprocesses
 
 LAYOUT = {"1": 9_000, "2": 5_000, "c1": 4_000, "m1": 3_000}
 

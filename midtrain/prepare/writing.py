@@ -80,7 +80,7 @@ def tokenize_to_shard(
     """
     import torch
 
-    from midtrain.data.writer import DEFAULT_CHUNK_TOKENS, TokenShardWriter
+    from midtrain.prepare.writer import DEFAULT_CHUNK_TOKENS, TokenShardWriter
 
     stats = stats if stats is not None else ShardStats()
     dtype = torch.uint16 if spec.vocab_size <= 65535 else torch.int32
