@@ -29,6 +29,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_docstr
 
 from midtrain import preemption
 from midtrain.errors import MidtrainError
+from midtrain.rundir import parse_yaml
 
 # command -> (signature function, what it does). Imported lazily so `midtrain --help` is fast.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -88,12 +89,7 @@ def _read_yaml(source: str) -> dict:
             raise MidtrainError(f"--config {source}: no such file.")
     else:
         text, name = path.read_text(), str(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise MidtrainError(f"{name} is not valid YAML{line}: {getattr(e, 'problem', None) or e}") from None
+    data = parse_yaml(text, name)
     if data is None:
         return {}
     if not isinstance(data, dict):

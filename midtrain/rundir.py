@@ -16,6 +16,7 @@ were prepared with; training compares it with :func:`tokenizer_fingerprint` of i
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -120,6 +121,17 @@ def parse_yaml(text: str, name: str) -> Any:
         where = getattr(e, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
         raise MidtrainError(f"{name} is not valid YAML{line}: {getattr(e, 'problem', None) or e}") from None
+
+
+def read_csv(path: Path | str) -> tuple[list[str], list[dict[str, str]]] | None:
+    """Header and rows of the CSV at ``path`` (``evaluate`` results); None when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    return list(reader.fieldnames or []), rows
 
 
 # --------------------------------------------------------------------------------- run files

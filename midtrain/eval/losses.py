@@ -48,7 +48,7 @@ from midtrain.data.sharded_mixed import ValWindows
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
-from midtrain.rundir import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, has_tokenizer
+from midtrain.rundir import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, has_tokenizer, read_csv
 from midtrain.storage import is_remote, location
 from midtrain.train.checkpoints import is_complete, read_train_state
 from midtrain.train.loss import micro_batch_loss
@@ -268,13 +268,13 @@ def checkpoint_tokenizer(checkpoint: Checkpoint, tokenizer_dir: Path | None) -> 
 # ---------------------------------------------------------------------------------------- CSV
 def read_rows(path: Path) -> list[dict[str, str]]:
     """Rows of an evaluate CSV (empty when the file does not exist)."""
-    if not Path(path).is_file():
+    found = read_csv(path)
+    if found is None:
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is not None and tuple(reader.fieldnames) != COLUMNS:
-            raise MidtrainError(f"{path} has columns {reader.fieldnames}, not an evaluate CSV {list(COLUMNS)}.")
-        return list(reader)
+    fields, rows = found
+    if fields and tuple(fields) != COLUMNS:
+        raise MidtrainError(f"{path} has columns {fields}, not an evaluate CSV {list(COLUMNS)}.")
+    return rows
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
