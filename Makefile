@@ -1,11 +1,12 @@
 # Two entry points for a fresh machine (see README "Quick start"):
 #   make demo   -> install, then run the embedded default (CPU demo)
-#   make test   -> install, then run the test suite
+#   make test   -> install, then run the test suite (what CI runs)
+#   make test-fast -> the tests that spawn no process (no CLI subprocess, DDP, SLURM, S3), for the edit-test loop
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-cpu demo test lint bench
+.PHONY: install install-cpu demo test test-fast lint bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check midtrain tests benchmarks

@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,7 +41,8 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import save_config
 from measure import peak_mb, print_table, run_module
 
-from midtrain.data.synthetic import write_tree
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/ holds the shard writer
+from tests.synthetic import write_tree  # noqa: E402
 
 MODEL = {"name": "bench-logits", "n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 512,
          "vocab_size": 50_304, "padded_vocab_size": 50_304}  # fmt: skip

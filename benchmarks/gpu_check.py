@@ -67,7 +67,8 @@ def write_world(root: Path) -> dict[str, Path]:
     """Shards (random tokens), a validation shard, a word-level tokenizer and an SFT JSON set."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from midtrain.data.synthetic import write_tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/ holds the shard writer
+    from tests.synthetic import write_tree  # noqa: E402
 
     write_tree(root / "data", {"1": 400_000, "c1": 200_000}, vocab_size=MODEL["vocab_size"], chunk_tokens=1 << 15)
     write_tree(root / "val", {"1": 40_000}, vocab_size=MODEL["vocab_size"], chunk_tokens=1 << 15)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -23,7 +24,9 @@ from pathlib import Path
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
 
 from midtrain.data.sharded_mixed import ShardedMixedDataset
-from midtrain.data.synthetic import write_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/ holds the shard writer
+from tests.synthetic import write_shard  # noqa: E402
 
 
 def weights_for(n: int) -> dict[str, float]:

@@ -45,7 +45,7 @@ def fork_tokenize(path: str, tokenizer_dir: str):
 
 def make_input(work: Path, megabytes: float, files: int) -> tuple[list[str], Path]:
     """Demo corpus text as ``files`` JSONL files of about ``megabytes`` in total, plus the demo tokenizer."""
-    from midtrain.data.demo_corpus import build_demo_corpus, demo_documents
+    from midtrain.demo.corpus import build_demo_corpus, demo_documents
 
     info = build_demo_corpus(work / "demo")
     docs = [d for domain in ("main", "code", "math") for d in demo_documents()[domain]]

@@ -25,6 +25,7 @@ import csv
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,8 @@ import yaml
 from lightning.fabric.utilities.throughput import get_available_flops
 from measure import peak_mb, print_table, run_module
 
-from midtrain.data.synthetic import write_tree
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/ holds the shard writer
+from tests.synthetic import write_tree  # noqa: E402
 
 MODELS = {
     "tiny": ({"name": "bench-tiny", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256,

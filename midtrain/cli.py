@@ -29,6 +29,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_docstr
 
 from midtrain import preemption
 from midtrain.errors import MidtrainError
+from midtrain.rundir import parse_yaml
 
 # command -> (signature function, what it does). Imported lazily so `midtrain --help` is fast.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,10 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "similarity": ("midtrain.eval.similarity:similarity", "n-gram / token similarity and proximity advantage."),
     "efficiency": ("midtrain.eval.efficiency:efficiency", "Fit loss = A/x^B + C and report data-efficiency."),
     "report": ("midtrain.report.report:report", "Plots and a markdown summary of one or more runs."),
-    "demo": ("midtrain.demo:demo", "The whole method on one CPU in minutes, no download."),
+    "demo": ("midtrain.demo.run:demo", "The whole method on one CPU in minutes, no download."),
     "experiment": ("midtrain.experiment:main", "A study as a graph of runs: plan | run | submit | status FILE."),
 }
-PREPARE_DEMO = "midtrain.data.demo_corpus:prepare_demo"
+PREPARE_DEMO = "midtrain.demo.corpus:prepare_demo"
 PREPARE_SFT = "midtrain.prepare.sft_formats:prepare_sft"
 PREPARE_HUB = "midtrain.prepare.hub:prepare_hub"
 TRAINING = ("inspect", "pretrain", "finetune")
@@ -91,12 +92,7 @@ def _read_yaml(source: str) -> dict:
             raise MidtrainError(f"--config {source}: no such file.")
     else:
         text, name = path.read_text(), str(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise MidtrainError(f"{name} is not valid YAML{line}: {getattr(e, 'problem', None) or e}") from None
+    data = parse_yaml(text, name)
     if data is None:
         return {}
     if not isinstance(data, dict):

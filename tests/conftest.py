@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from midtrain.data.synthetic import write_tree  # noqa: E402
+from tests.synthetic import write_tree  # noqa: E402
 
 
 @pytest.fixture

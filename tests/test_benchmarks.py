@@ -23,12 +23,12 @@ from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
 
 from midtrain import preemption
 from midtrain.cli import run
-from midtrain.data.demo_corpus import train_bpe_tokenizer
-from midtrain.data.synthetic import write_tree
+from midtrain.demo.corpus import train_bpe_tokenizer
 from midtrain.errors import MidtrainError
 from midtrain.eval.benchmarks import HF_DIR, write_choice_task
 from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.train.hf_config import HF_CONFIG_FILE, UnsupportedFamily, hf_config, hf_config_json
+from tests.synthetic import write_tree
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from midtrain.data.synthetic import write_tree
+from tests.synthetic import write_tree
+
+pytestmark = pytest.mark.slow  # spawns the CLI in a subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {

@@ -17,9 +17,9 @@ from test_finetune import MODEL as FT_MODEL  # noqa: F401 - the module-scoped `w
 from test_finetune import _records, finetune_config, world  # noqa: F401 - fixture
 
 from midtrain.cli import run
-from midtrain.data.synthetic import write_tree
 from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.train.checkpoints import find_latest, prune_checkpoints, read_train_state
+from tests.synthetic import write_tree
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512,
          "padded_vocab_size": 512}

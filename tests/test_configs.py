@@ -19,7 +19,7 @@ import yaml
 from midtrain.cli import run
 from midtrain.data.mixture import load_mix_config, resolve_mixture
 from midtrain.data.shards import discover_shards
-from midtrain.data.synthetic import write_tree
+from tests.synthetic import write_tree
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "midtrain_configs"
@@ -70,6 +70,7 @@ def test_config_set_is_complete():
     assert len(FINETUNE) >= 10
 
 
+@pytest.mark.slow  # spawns processes
 def test_generated_configs_are_up_to_date():
     script = REPO / "util_scripts/generate_paper_configs.py"
     out = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from midtrain.data.demo_corpus import build_demo_corpus
-from midtrain.demo import Job, Progress, _run_jobs, _sft_data
+from midtrain.demo.corpus import build_demo_corpus
+from midtrain.demo.run import Job, Progress, _run_jobs, _sft_data
 from midtrain.errors import MidtrainError
+
+pytestmark = pytest.mark.slow  # spawns training processes (a process pool)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ from litgpt.prompts import PromptStyle
 from litgpt.tokenizer import Tokenizer
 
 from midtrain.cli import run
-from midtrain.data.demo_corpus import train_bpe_tokenizer
 from midtrain.data.sharded_mixed import ValWindows
-from midtrain.data.synthetic import write_tree
+from midtrain.demo.corpus import train_bpe_tokenizer
 from midtrain.errors import MidtrainError
 from midtrain.eval.losses import COLUMNS, find_checkpoints, parse_val_sets
+from tests.synthetic import write_tree
 
 SEQ = 64
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": SEQ, "vocab_size": 512,

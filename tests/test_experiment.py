@@ -164,7 +164,7 @@ def test_run_tiny_locally(tmp_path):
     """``run`` of tiny.yaml from a working directory with the demo corpus: every node done; again: nothing to do."""
     from test_slurm import short_sft_set
 
-    from midtrain.data.demo_corpus import build_demo_corpus
+    from midtrain.demo.corpus import build_demo_corpus
 
     build_demo_corpus(tmp_path / "data/demo", scale=0.05)
     short_sft_set(tmp_path)

@@ -29,7 +29,7 @@ WAIT = 900
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    from midtrain.data.demo_corpus import build_demo_corpus
+    from midtrain.demo.corpus import build_demo_corpus
 
     root = tmp_path_factory.mktemp("exp_slurm")
     build_demo_corpus(root / "data/demo", scale=0.05)

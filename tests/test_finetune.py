@@ -26,11 +26,11 @@ from midtrain.cli import run
 from midtrain.data.replay import Replay, spread
 from midtrain.data.sft import SFTOrder
 from midtrain.data.sharded_mixed import ValWindows
-from midtrain.data.synthetic import write_tree
 from midtrain.errors import MidtrainError
 from midtrain.train.checkpoints import find_latest, read_train_state
 from midtrain.train.runtime import EXIT_PREEMPTED
 from midtrain.train.schedules import LRSchedule
+from tests.synthetic import write_tree
 
 SEQ = 64
 MODEL = {"name": "tiny-ft", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": SEQ, "vocab_size": 256,
@@ -274,6 +274,7 @@ def test_epochs_run_dir_and_litgpt_format_checkpoints(world, tmp_path):
     assert by_step(theirs, "loss") == by_step(ours, "loss")
 
 
+@pytest.mark.slow  # spawns processes
 def test_two_process_ddp_gives_the_same_losses(world, tmp_path):
     """Loss = mean over the step's scored tokens on all ranks, so 2 processes train exactly like 1; both start
     from the checkpoint's weights, loaded after ``fabric.setup`` through the strategy (the path FSDP takes)."""

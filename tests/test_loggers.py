@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from midtrain.cli import run
-from midtrain.data.synthetic import write_tree
+from tests.synthetic import write_tree
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32, "vocab_size": 256,
          "padded_vocab_size": 256}  # fmt: skip
 
 
+@pytest.mark.slow  # importing tensorboard alone takes seconds
 def test_tensorboard_logger_writes_the_training_scalars(tmp_path: Path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     tree = write_tree(tmp_path / "data", {"1": 4_000, "c1": 2_000}, vocab_size=256, chunk_tokens=1_000)
     cfg = {
         "model_config": MODEL, "out_dir": str(tmp_path / "run"), "precision": "32-true", "accelerator": "cpu",

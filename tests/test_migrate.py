@@ -103,6 +103,7 @@ def test_config_without_data_path_is_refused():
         migrate(cfg, "olmo.yaml")
 
 
+@pytest.mark.slow  # spawns processes
 def test_migrate_then_inspect_through_the_cli(tree: Path, tmp_path: Path):
     fork = tmp_path / "fork.yaml"
     fork.write_text(yaml.safe_dump(fork_config(str(tree), str(tmp_path / "runs/base"), logger_name="csv",

@@ -14,8 +14,8 @@ import torch
 from midtrain.data import ShardedMixedDataset
 from midtrain.data.mixture import MixtureSpec, resolve_mixture
 from midtrain.data.shards import discover_shards
-from midtrain.data.synthetic import write_shard, write_tree
 from midtrain.errors import MidtrainError
+from tests.synthetic import write_shard, write_tree
 
 SEQ = 16  # max_seq_length; samples are SEQ + 1 tokens
 
@@ -295,7 +295,7 @@ def test_mix_config_file_yaml_and_json(tree, tmp_path):
 
 
 def test_shards_of_int32_and_uint16_tokens_train_together(tree):
-    from midtrain.data.writer import write_token_shard
+    from midtrain.prepare.writer import write_token_shard
 
     write_token_shard(tree / "c3", [torch.arange(30_000, 34_000)], chunk_tokens=1_700, dtype=torch.uint16)
     dm = make(tree, workers=0, batch=16, literal_weights_str="main/1:0.5,c3:0.5")

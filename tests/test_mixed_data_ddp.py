@@ -6,10 +6,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from midtrain.data import ShardedMixedDataset
+
+pytestmark = pytest.mark.slow  # spawns 2-process DDP
 
 MIX = "main:0.5,code:0.3,math:0.2"
 

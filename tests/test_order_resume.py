@@ -18,8 +18,10 @@ import torch
 import yaml
 
 from midtrain.cli import run
-from midtrain.data.synthetic import write_tree
 from midtrain.train.checkpoints import read_train_state
+from tests.synthetic import write_tree
+
+pytestmark = pytest.mark.slow  # spawns training subprocesses (2-process DDP)
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512,
          "padded_vocab_size": 512}

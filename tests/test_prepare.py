@@ -12,8 +12,8 @@ import pytest
 import zstandard
 
 from midtrain import prepare as prep
-from midtrain.data.demo_corpus import EOS, build_demo_corpus, train_bpe_tokenizer
 from midtrain.data.shards import discover_shards
+from midtrain.demo.corpus import EOS, build_demo_corpus, train_bpe_tokenizer
 from midtrain.errors import MidtrainError
 from midtrain.prepare import MANIFEST_NAME, prepare, read_shard_tokens
 
@@ -358,6 +358,7 @@ def _tree(root: Path) -> dict[str, bytes | dict]:
     return tree
 
 
+@pytest.mark.slow  # builds the demo corpus three times (tens of seconds)
 def test_demo_corpus_is_deterministic_and_discoverable(tmp_path):
     from litgpt.tokenizer import Tokenizer
 

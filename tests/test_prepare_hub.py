@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from midtrain.data.demo_corpus import train_bpe_tokenizer
+from midtrain.demo.corpus import train_bpe_tokenizer
 from midtrain.errors import MidtrainError
 from midtrain.prepare import MANIFEST_NAME, prepare, read_shard_tokens
 from midtrain.prepare.hub import prepare_hub

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from midtrain.data.demo_corpus import train_bpe_tokenizer
+from midtrain.demo.corpus import train_bpe_tokenizer
 from midtrain.errors import MidtrainError
 from midtrain.prepare.sft_formats import prepare_sft
 

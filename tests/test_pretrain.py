@@ -17,10 +17,10 @@ import yaml
 from conftest import set_dotted
 
 from midtrain.cli import run
-from midtrain.data.synthetic import write_tree
 from midtrain.errors import MidtrainError
 from midtrain.train.checkpoints import find_latest, read_train_state
 from midtrain.train.runtime import EXIT_PREEMPTED
+from tests.synthetic import write_tree
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512,
          "padded_vocab_size": 512}
@@ -159,6 +159,7 @@ def _cli(cfg: Path, *args: str, **popen) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+@pytest.mark.slow  # spawns processes
 def test_preemption_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = config(corpus, out, **{"train.max_steps": 400, "train.save_interval": None})
@@ -176,6 +177,7 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(corpus, tmp_path):
     assert state["reason"] == "preempted" and 3 <= state["step"] < 400
 
 
+@pytest.mark.slow  # spawns processes
 def test_two_process_ddp_starts_from_initial_weights(corpus, tmp_path):
     """2 processes (DDP over gloo) from another run's ``final/``: the weights are loaded after ``fabric.setup``
     through the strategy (the path FSDP takes), so the step-0 validation loss equals the source's last one."""
@@ -287,7 +289,7 @@ def test_token_accounting_survives_resume_between_log_steps(corpus, tmp_path):
 
 def _bpe_tokenizers(root: Path) -> tuple[Path, Path]:
     """Two tokenizer dirs that differ only in ``add_bos_token``: other token IDs for the same text."""
-    from midtrain.data.demo_corpus import train_bpe_tokenizer
+    from midtrain.demo.corpus import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([f"text number {i} of the corpus" for i in range(200)], root / "tok", vocab_size=300)
     other = root / "other_tok"

@@ -26,9 +26,11 @@ import yaml
 from midtrain.cli import run
 from midtrain.data.mixture import MixtureSpec, resolve_mixture
 from midtrain.data.shards import discover_shards, load_shard
-from midtrain.data.synthetic import write_tree
 from midtrain.errors import MidtrainError
 from midtrain.train.checkpoints import find_latest, read_train_state
+from tests.synthetic import write_tree
+
+pytestmark = pytest.mark.slow  # spawns an S3 server process and training subprocesses
 
 LAYOUT = {"1": 9_000, "2": 5_000, "c1": 4_000, "m1": 3_000}
 
@@ -268,3 +270,21 @@ def test_training_and_resume_stream_remote_shards(s3_server, remote_tree, tmp_pa
     assert sorted(k for k in got if k[1] == "loss") == [(s, "loss") for s in range(1, 7)]
     assert got.keys() == expected.keys() and got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert sorted(p.name for p in cache.rglob("chunk-*.bin")), "litdata cached the streamed chunks"
+
+
+def test_similarity_and_evaluate_take_remote_paths(s3_server, remote_tree, monkeypatch):
+    """Both commands read shards through the storage layer; credentials and endpoint come from the environment."""
+    from midtrain.eval.losses import ValSet, parse_val_sets
+    from midtrain.eval.similarity import resolve_source
+
+    local, url = remote_tree
+    env = {"endpoint_url": "AWS_ENDPOINT_URL", "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+           "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY", "region_name": "AWS_DEFAULT_REGION",
+           "verify": "AWS_CA_BUNDLE"}  # fmt: skip
+    for option, name in env.items():
+        monkeypatch.setenv(name, s3_server[option])
+    whole, code, one = (resolve_source(spec) for spec in (url, f"{url}:code", f"{url}/c1/"))
+    assert _summary(whole.shards) == _summary(resolve_source(str(local)).shards)
+    assert [s.id for s in code.shards] == [s.id for s in one.shards] == ["c1"]
+    assert one.shards[0].path == f"{url}/c1"
+    assert parse_val_sets([f"v={url}/c1/"]) == [ValSet("v", f"{url}/c1", "tokens")]

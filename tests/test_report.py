@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from midtrain.cli import run
-from midtrain.data.synthetic import write_tree
+from midtrain.demo import claims
 from midtrain.errors import MidtrainError
-from midtrain.report import claims
 from midtrain.report.report import final_val_losses, read_metrics, series, switch_steps
+from tests.synthetic import write_tree
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512,
          "padded_vocab_size": 512}

@@ -16,7 +16,6 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from midtrain.data.shards import discover_shards
-from midtrain.data.writer import write_token_shard
 from midtrain.errors import MidtrainError
 from midtrain.eval.similarity import (
     cosine,
@@ -26,6 +25,7 @@ from midtrain.eval.similarity import (
     sample_windows,
     similarity,
 )
+from midtrain.prepare.writer import write_token_shard
 
 COMMON = [f"the{i}" for i in range(8)]  # shared: frequent in code, rare in prose
 PROSE = [f"prose{i}" for i in range(60)]

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # spawns SLURM scripts in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "training_scripts"
 TINY = REPO / "midtrain_configs/tiny"
@@ -189,7 +191,7 @@ def short_sft_set(root: Path) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """MIDTRAIN_ROOT with the demo corpus (data/demo, small scale) and the tiny configs' layout."""
-    from midtrain.data.demo_corpus import build_demo_corpus
+    from midtrain.demo.corpus import build_demo_corpus
 
     root = tmp_path_factory.mktemp("slurm_root")
     build_demo_corpus(root / "data/demo", scale=0.05)

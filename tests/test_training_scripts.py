@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # spawns the sbatch scripts in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "training_scripts"
 SHELL = sorted(SCRIPTS.glob("*.sbatch")) + sorted(SCRIPTS.glob("*.sh")) + sorted((REPO / "util_scripts").glob("*.sh"))

@@ -25,25 +25,12 @@ from midtrain.data.replay import Replay
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
-from midtrain.train.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, find_latest
+from midtrain.rundir import MODEL_CONFIG_FILE, MODEL_FILE, TOKENIZER_MODEL_FILES, has_tokenizer, to_plain
+from midtrain.train.checkpoints import find_latest
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 Resume = bool | Literal["auto"] | Path
 Strategy = Literal["auto", "ddp", "fsdp"]
 LoggerName = Literal["wandb", "tensorboard", "csv"]
-
-
-def plain(v: Any) -> Any:
-    """A config value as plain data (dataclasses as dicts, paths as strings, other objects as their repr)."""
-    if dataclasses.is_dataclass(v):
-        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
-    if isinstance(v, dict):
-        return {k: plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [plain(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
 
 
 def _options(cfg: Any) -> dict[str, Any]:
@@ -91,7 +78,7 @@ class PretrainConfig:
 
     def hparams(self) -> dict:
         """The run config as plain data (saved with every checkpoint)."""
-        return plain({**_options(self), "config": self.model})
+        return to_plain({**_options(self), "config": self.model}, repr)
 
 
 @dataclass
@@ -134,9 +121,9 @@ class FinetuneConfig:
         self.out_dir = Path(self.out_dir)
         self.base = _resolve_base(Path(self.checkpoint_dir))
         self.tokenizer_dir = Path(self.tokenizer_dir) if self.tokenizer_dir is not None else self.base
-        if not any((self.tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
+        if not has_tokenizer(self.tokenizer_dir):
             raise MidtrainError(
-                f"No tokenizer ({' or '.join(TOKENIZER_FILES)}) in {self.tokenizer_dir}; pass tokenizer_dir, the "
+                f"No tokenizer ({' or '.join(TOKENIZER_MODEL_FILES)}) in {self.tokenizer_dir}; pass tokenizer_dir, the "
                 "tokenizer the checkpoint was pretrained with."
             )
         if (self.epochs is None) == (self.train.max_steps is None):
@@ -187,7 +174,8 @@ class FinetuneConfig:
 
     def hparams(self) -> dict:
         """The run config as plain data (saved with every checkpoint)."""
-        return plain({**_options(self), "base": self.base, "replay_data": self.replay_data, "config": self.model})
+        options = {**_options(self), "base": self.base, "replay_data": self.replay_data, "config": self.model}
+        return to_plain(options, repr)
 
 
 def _resolve_base(path: Path) -> Path:

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from litdata import StreamingDataset, TokensLoader
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader, Dataset
@@ -23,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from midtrain.data.mixed_stream import MixedLoader, MixedStream, Source
 from midtrain.data.mixture import MODE_FIELDS, Mixture, MixtureSpec, resolve_mixture
 from midtrain.data.order import BLENDS, DataOrder, Generation, RankSlice, layout_fingerprint
-from midtrain.data.remote import is_remote
-from midtrain.data.shards import Shard, discover_shards, load_shard, read_index
+from midtrain.data.shards import Shard, discover_shards, load_shard
 from midtrain.errors import MidtrainError
+from midtrain.storage import is_remote, open_dataset
 
 
 @dataclass
@@ -118,14 +117,10 @@ class ShardedMixedDataset(DataModule):
         raw = self.val_data_path if isinstance(self.val_data_path, dict) else {"val": self.val_data_path}
         paths: dict[str, Path | str] = {}
         for name, path in raw.items():
-            if is_remote(path):
-                paths[str(name)] = load_shard(str(name), "val", path, self.storage_options).path  # checks index.json
-                continue
-            p = Path(path).expanduser()
-            if not p.is_dir():
+            p = path if is_remote(path) else Path(path).expanduser()
+            if not is_remote(p) and not p.is_dir():
                 raise MidtrainError(f"Validation set {name!r}: {p} does not exist.")
-            read_index(p)  # raises a clear error when missing or corrupt
-            paths[str(name)] = p
+            paths[str(name)] = load_shard(str(name), "val", p, self.storage_options).path  # checks index.json
         return paths
 
     # --- litgpt DataModule interface -------------------------------------------------------
@@ -244,10 +239,7 @@ class ValWindows(Dataset):
         masked: bool = True,
         storage_options: dict | None = None,
     ) -> None:
-        self.dataset = StreamingDataset(
-            str(path), item_loader=TokensLoader(block_size=block_size), shuffle=False,
-            storage_options=storage_options or {},
-        )
+        self.dataset = open_dataset(path, block_size, storage_options)
         total = load_shard("val", "val", path, storage_options).samples(block_size)
         n = total if max_samples is None else min(total, int(max_samples))
         world, rank = _world_and_rank()

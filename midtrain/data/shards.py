@@ -1,8 +1,8 @@
 """Shard discovery: find litdata token shards under a ``data_path`` and give each a typed ID.
 
 A shard is a directory directly under ``data_path`` that holds a litdata ``index.json``.
-``data_path`` may be local or an ``s3://`` / ``gs://`` prefix (see :mod:`midtrain.data.remote`):
-remote shards are listed and their ``index.json`` read here; litdata streams and caches the chunks.
+``data_path`` may be local or an ``s3://`` / ``gs://`` prefix: both are listed and each ``index.json``
+read (once) through :mod:`midtrain.storage`; litdata streams and caches remote chunks.
 
 * Numbered directories ``1``, ``2``, ... are of type ``main`` and get the ID ``main/<n>``.
 * Typed directories are ``<prefix><n>`` (``c1`` is code shard 1) or a bare ``<prefix>`` (``b``).
@@ -20,12 +20,11 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from midtrain.data.remote import RemoteStore, is_remote, join_url
 from midtrain.errors import MidtrainError
+from midtrain.storage import Store, is_remote, join, location
 
 DEFAULT_SHARD_TYPES: dict[str, str] = {
     "code": "c",
@@ -44,23 +43,20 @@ _NAME = re.compile(r"^(?P<prefix>[A-Za-z_]+?)?(?P<num>\d*)$")
 
 @dataclass(frozen=True)
 class Shard:
-    """One litdata token shard on disk."""
+    """One litdata token shard: a local directory (``Path``) or a URL (``str``); sized from its ``index.json``."""
 
     id: str
     type: str
-    path: Path
+    path: Path | str
     tokens: int
     num_chunks: int
     dtype_code: int | None
     min_chunk_tokens: int
+    chunk_dims: tuple[int, ...] = ()
 
     def samples(self, block_size: int) -> int:
         """Number of ``block_size`` token windows litdata's ``TokensLoader`` serves from this shard."""
         return sum(dim // block_size for dim in self.chunk_dims)
-
-    @cached_property
-    def chunk_dims(self) -> tuple[int, ...]:
-        return tuple(int(c["dim"]) for c in read_index(self.path)["chunks"])
 
     def check_block_size(self, block_size: int) -> None:
         """Fail when this shard cannot serve windows of ``block_size`` tokens."""
@@ -78,28 +74,16 @@ class Shard:
             )
 
 
-@dataclass(frozen=True)
-class RemoteShard(Shard):
-    """A shard in object storage: ``path`` is its URL; chunk sizes come from the index read at discovery."""
-
-    path: str
-    dims: tuple[int, ...] = ()
-
-    @property
-    def chunk_dims(self) -> tuple[int, ...]:
-        return self.dims
-
-
 def _missing_index(path: Path | str) -> MidtrainError:
     return MidtrainError(f"Shard directory {path} has no index.json; it is not a finished litdata shard.")
 
 
-def read_index(path: Path) -> dict:
-    """Read and validate a shard's ``index.json``; raise a clear error when missing or corrupt."""
-    index = Path(path) / "index.json"
-    if not index.is_file():
+def read_index(path: Path | str, store: Store | None = None) -> dict:
+    """Read and validate a shard's ``index.json`` (local or URL); raise a clear error when missing or corrupt."""
+    raw = (store or Store(path)).read_bytes(join(path, "index.json"))
+    if raw is None:
         raise _missing_index(path)
-    return parse_index(index.read_bytes(), path)
+    return parse_index(raw, path)
 
 
 def parse_index(raw: bytes, path: Path | str) -> dict:
@@ -132,47 +116,25 @@ def _dtype_code(config: dict | None) -> int | None:
 
 
 def load_shard(
-    shard_id: str, shard_type: str, path: Path | str, storage_options: dict[str, Any] | None = None
+    shard_id: str,
+    shard_type: str,
+    path: Path | str,
+    storage_options: dict[str, Any] | None = None,
+    store: Store | None = None,
 ) -> Shard:
-    """The shard at ``path``: a local directory, or an ``s3://``/``gs://`` URL (see :func:`load_remote_shard`)."""
-    if is_remote(path):
-        return load_remote_shard(shard_id, shard_type, str(path), storage_options)
-    data = read_index(path)
-    dims = [int(c["dim"]) for c in data["chunks"]]
+    """The shard at ``path`` (a local directory or an ``s3://``/``gs://`` URL), sized from its ``index.json``."""
+    path = location(path) if is_remote(path) else Path(path)
+    data = read_index(path, store or Store(path, storage_options))
+    dims = tuple(int(c["dim"]) for c in data["chunks"])
     return Shard(
         id=shard_id,
         type=shard_type,
-        path=Path(path),
+        path=path,
         tokens=sum(dims),
         num_chunks=len(dims),
         dtype_code=_dtype_code(data.get("config")),
         min_chunk_tokens=min(dims),
-    )
-
-
-def load_remote_shard(
-    shard_id: str,
-    shard_type: str,
-    url: str,
-    storage_options: dict[str, Any] | None = None,
-    store: RemoteStore | None = None,
-) -> RemoteShard:
-    """The shard at ``url`` in object storage, sized from its ``index.json`` (read once)."""
-    store = store or RemoteStore(url, storage_options)
-    raw = store.read_bytes(join_url(url, "index.json"))
-    if raw is None:
-        raise _missing_index(url)
-    data = parse_index(raw, url)
-    dims = tuple(int(c["dim"]) for c in data["chunks"])
-    return RemoteShard(
-        id=shard_id,
-        type=shard_type,
-        path=url.rstrip("/"),
-        tokens=sum(dims),
-        num_chunks=len(dims),
-        dtype_code=_dtype_code(data.get("config")),
-        min_chunk_tokens=min(dims),
-        dims=dims,
+        chunk_dims=dims,
     )
 
 
@@ -211,48 +173,38 @@ def classify(name: str, table: dict[str, str]) -> tuple[str, str] | None:
 def discover_shards(
     data_path: str | Path, shard_types: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None
 ) -> list[Shard]:
-    """All shards directly under ``data_path``, sorted by type then number.
+    """All shards directly under ``data_path`` (a directory or ``s3://``/``gs://`` prefix), by type then number.
 
     Directories whose names are not shard names (e.g. ``val``, ``tokenizer``) are ignored unless they
-    hold an ``index.json`` (see :func:`check_shard_names`); a directory with a shard name but a missing
-    or corrupt ``index.json`` is an error, and so are two directories with one ID (``1`` and ``01``).
-    An ``s3://``/``gs://`` ``data_path`` is listed with ``storage_options`` (see :func:`discover_remote_shards`).
+    hold an ``index.json`` (see :func:`check_shard_names`; checked for local paths only); a directory with a
+    shard name but a missing or corrupt ``index.json`` is an error, and so are two directories with one ID
+    (``1`` and ``01``). A remote prefix is listed with ``storage_options``; its indexes are read in parallel.
     """
     if data_path is None:
         raise MidtrainError("data.data_path is not set; point it at the directory holding the shard folders.")
-    if is_remote(data_path):
-        return discover_remote_shards(str(data_path), shard_types, storage_options)
-    root = Path(data_path).expanduser()
-    if not root.is_dir():
+    root, remote = location(data_path), is_remote(data_path)
+    if not remote and not root.is_dir():
         hint = ""
         if root.name == "demo":
             hint = f"; build the demo corpus first: `midtrain prepare demo --data_path {data_path}` (or `make demo`)"
         raise MidtrainError(f"data_path {root} does not exist or is not a directory{hint}.")
     table = shard_type_table(shard_types)
-    children = [c for c in sorted(root.iterdir()) if c.is_dir() and not c.name.startswith((".", "_"))]
-    named = check_shard_names([(c.name, (c / "index.json").is_file()) for c in children], table)
-    shards = [load_shard(shard_id, shard_type, root / name) for name, (shard_id, shard_type) in named.items()]
-    if not shards:
-        raise _no_shards(root, table)
-    return sorted(shards, key=_sort_key)
-
-
-def discover_remote_shards(
-    url: str, shard_types: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None
-) -> list[Shard]:
-    """All shards directly under the ``s3://``/``gs://`` prefix ``url``, named and checked as local ones.
-
-    Lists the prefix's subdirectories and reads each shard's ``index.json`` (in parallel threads);
-    ``storage_options`` go to the storage client as they go to litdata's.
-    """
-    table = shard_type_table(shard_types)
-    store = RemoteStore(url, storage_options)
-    names = [name for name in store.list_dirs(url) if not name.startswith((".", "_"))]
-    found = [(classified, name) for name, classified in check_shard_names([(n, False) for n in names], table).items()]
+    store = Store(root, storage_options)
+    names = [n for n in store.list_dirs(root) if not n.startswith((".", "_"))]
+    entries = [(n, not remote and (root / n / "index.json").is_file()) for n in names]
+    found = list(check_shard_names(entries, table).items())
     if not found:
-        raise _no_shards(url, table)
-    with ThreadPoolExecutor(min(16, len(found))) as pool:
-        shards = list(pool.map(lambda item: load_remote_shard(*item[0], join_url(url, item[1]), store=store), found))
+        raise _no_shards(root, table)
+
+    def load(item: tuple[str, tuple[str, str]]) -> Shard:
+        name, (shard_id, shard_type) = item
+        return load_shard(shard_id, shard_type, join(root, name), store=store)
+
+    if remote:
+        with ThreadPoolExecutor(min(16, len(found))) as pool:
+            shards = list(pool.map(load, found))
+    else:
+        shards = [load(item) for item in found]
     return sorted(shards, key=_sort_key)
 
 

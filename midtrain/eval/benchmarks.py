@@ -26,7 +26,7 @@ import yaml
 
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
-from midtrain.tokenizer_fingerprint import TOKENIZER_FILES
+from midtrain.rundir import TOKENIZER_FILES
 from midtrain.train.checkpoints import MODEL_CONFIG_FILE
 from midtrain.train.hf_config import HF_CONFIG_FILE, hf_config_json
 

@@ -15,7 +15,6 @@ the ``B`` range means the data do not determine the law (flat or exploding), whi
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import numpy as np
 
 from midtrain.errors import MidtrainError
 from midtrain.eval.similarity import format_table, write_results
+from midtrain.rundir import read_csv
 
 B_RANGE = (1e-3, 5.0)
 REDUCTIONS = ("last", "min", "mean", "error")
@@ -140,10 +140,10 @@ def fit_power_law(x: Sequence[float], loss: Sequence[float], b_range: tuple[floa
 # ----------------------------------------------------------------------------------------------- reading
 def read_rows(results: Path) -> list[dict[str, str]]:
     path = Path(results).expanduser()
-    if not path.is_file():
+    found = read_csv(path)
+    if found is None:
         raise MidtrainError(f"Results file {path} does not exist.")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = found[1]
     if not rows:
         raise MidtrainError(f"Results file {path} has no data rows.")
     return rows

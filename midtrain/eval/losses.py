@@ -4,8 +4,8 @@ A checkpoint is one of ours (``step-XXXXXXXX/`` with a ``COMPLETE`` marker, step
 from its ``train_state.json``) or a litgpt checkpoint directory (``lit_model.pth`` holding a plain
 state dict, plus ``model_config.yaml``). A validation set is
 
-* a token shard (a litdata directory with ``index.json``): a fixed, evenly spaced sample of
-  ``max_seq_length + 1`` token windows (:class:`~midtrain.data.sharded_mixed.ValWindows`), every
+* a token shard (a litdata directory with ``index.json``, local or an ``s3://``/``gs://`` URL): a fixed,
+  evenly spaced sample of ``max_seq_length + 1`` token windows (:class:`~midtrain.data.sharded_mixed.ValWindows`), every
   next-token prediction scored;
 * an SFT file (``.json`` list or ``.jsonl`` of records with ``instruction``, optional ``input``,
   ``output``): prompts rendered by litgpt's ``PromptStyle``, tokenised with the checkpoint's
@@ -49,7 +49,9 @@ from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.eval.benchmarks import parse_tasks, run_benchmarks
 from midtrain.preemption import EXIT_PREEMPTED
-from midtrain.train.checkpoints import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, is_complete, read_train_state
+from midtrain.rundir import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, has_tokenizer, read_csv
+from midtrain.storage import is_remote, location
+from midtrain.train.checkpoints import is_complete, read_train_state
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights
 
@@ -74,7 +76,7 @@ class ValSet:
     """A named validation set: a token shard directory or an SFT JSON/JSONL file."""
 
     name: str
-    path: Path
+    path: Path | str
     kind: Literal["tokens", "sft"]
 
 
@@ -114,7 +116,7 @@ def _checkpoint(path: Path) -> Checkpoint | None:
     if not path.is_dir():
         print(f"evaluate: skipping {path}: not a directory.")
         return None
-    if (path / "train_state.json").exists():  # ours (a ``final/`` dir has none: a plain litgpt checkpoint)
+    if (path / TRAIN_STATE_FILE).exists():  # ours (a ``final/`` dir has none: a plain litgpt checkpoint)
         if not is_complete(path):
             print(f"evaluate: skipping incomplete checkpoint {path} (no {MARKER_FILE} marker or missing files).")
             return None
@@ -141,7 +143,7 @@ def parse_val_sets(specs: list[str] | str | dict[str, str]) -> list[ValSet]:
             raise MidtrainError(f"Validation set name {name!r} must use letters, digits, '_', '-', '.', '/' only.")
         if any(s.name == name for s in sets):
             raise MidtrainError(f"Validation set {name!r} is given twice.")
-        sets.append(ValSet(name, Path(raw).expanduser(), _kind(name, Path(raw).expanduser())))
+        sets.append(ValSet(name, location(raw), _kind(name, location(raw))))
     return sets
 
 
@@ -152,7 +154,9 @@ def _split_spec(spec: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
-def _kind(name: str, path: Path) -> Literal["tokens", "sft"]:
+def _kind(name: str, path: Path | str) -> Literal["tokens", "sft"]:
+    if is_remote(path):
+        return "tokens"  # its index.json is read (and checked) when the set is loaded
     if path.is_dir() and (path / "index.json").is_file():
         return "tokens"
     if path.is_file() and path.suffix in (".json", ".jsonl"):
@@ -202,7 +206,7 @@ def _shift_sft(samples: list[dict], collate) -> tuple[torch.Tensor, torch.Tensor
     return batch["input_ids"][:, :-1], batch["labels"][:, 1:]
 
 
-def token_loader(path: Path, seq_len: int, max_samples: int | None, batch_size: int) -> DataLoader:
+def token_loader(path: Path | str, seq_len: int, max_samples: int | None, batch_size: int) -> DataLoader:
     """(inputs, targets) batches of fixed windows of a token shard, this rank's share."""
     load_shard("val", "val", path).check_block_size(seq_len + 1)
     windows = ValWindows(path, seq_len + 1, max_samples)
@@ -255,7 +259,7 @@ def load_model(fabric: L.Fabric, checkpoint: Checkpoint, seq_len: int) -> torch.
 def checkpoint_tokenizer(checkpoint: Checkpoint, tokenizer_dir: Path | None) -> Tokenizer:
     """``tokenizer_dir`` if given, else the tokenizer files stored in the checkpoint."""
     directory = Path(tokenizer_dir) if tokenizer_dir is not None else checkpoint.path
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+    if not has_tokenizer(directory):
         raise MidtrainError(
             f"SFT sets need a tokenizer, and {directory} has no tokenizer.json / tokenizer.model; "
             "pass --tokenizer_dir or train with tokenizer_dir so checkpoints carry it."
@@ -266,13 +270,13 @@ def checkpoint_tokenizer(checkpoint: Checkpoint, tokenizer_dir: Path | None) -> 
 # ---------------------------------------------------------------------------------------- CSV
 def read_rows(path: Path) -> list[dict[str, str]]:
     """Rows of an evaluate CSV (empty when the file does not exist)."""
-    if not Path(path).is_file():
+    found = read_csv(path)
+    if found is None:
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is not None and tuple(reader.fieldnames) not in (COLUMNS, LOSS_COLUMNS):
-            raise MidtrainError(f"{path} has columns {reader.fieldnames}, not an evaluate CSV {list(COLUMNS)}.")
-        return [{c: row.get(c) or "" for c in COLUMNS} for row in reader]
+    fields, rows = found
+    if fields and tuple(fields) not in (COLUMNS, LOSS_COLUMNS):
+        raise MidtrainError(f"{path} has columns {fields}, not an evaluate CSV {list(COLUMNS)}.")
+    return [{c: row.get(c) or "" for c in COLUMNS} for row in rows]
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

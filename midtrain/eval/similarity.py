@@ -54,6 +54,8 @@ import numpy as np
 from midtrain.data.mixture import parse_weights
 from midtrain.data.shards import Shard, classify, discover_shards, load_shard, shard_type_table
 from midtrain.errors import MidtrainError
+from midtrain.rundir import has_tokenizer, to_plain
+from midtrain.storage import is_remote, location, open_dataset
 
 WORD_RE = re.compile(r"\w+|[^\w\s]+")
 SFT_FIELDS = ("instruction", "input", "output")
@@ -76,12 +78,14 @@ class Source:
 
     spec: str
     kind: str
-    path: Path
+    path: Path | str
     shards: tuple[Shard, ...] = ()
 
 
 def resolve_source(spec: str, shard_types: dict[str, str] | None = None) -> Source:
     """Turn a SOURCE string into a :class:`Source` (see the module docstring for the accepted forms)."""
+    if is_remote(spec):
+        return _remote_source(spec, shard_types)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() in (".json", ".jsonl"):
@@ -107,6 +111,23 @@ def resolve_source(spec: str, shard_types: dict[str, str] | None = None) -> Sour
     )
 
 
+def _remote_source(spec: str, shard_types: dict[str, str] | None) -> Source:
+    """An ``s3://``/``gs://`` shard, data_path or ``DATA_PATH:TYPE`` (credentials from the environment)."""
+    root, sep, selection = spec.rpartition(":")
+    if sep and is_remote(root) and "/" not in selection:
+        shards = discover_shards(root, shard_types)
+        return Source(spec, "shards", location(root), tuple(select_shards(shards, selection, spec)))
+    url = location(spec)
+    try:
+        name = str(url).rsplit("/", 1)[-1]
+        found = classify(name, shard_type_table(shard_types)) or (name, "shard")
+        return Source(spec, "shards", url, (load_shard(found[0], found[1], url),))
+    except MidtrainError as err:
+        if "has no index.json" not in str(err):
+            raise
+    return Source(spec, "shards", url, tuple(discover_shards(url, shard_types)))
+
+
 def select_shards(shards: Sequence[Shard], selection: str, where: str) -> list[Shard]:
     """The shards of type ``selection``, or the single shard with ID ``selection``."""
     chosen = [s for s in shards if s.type == selection or s.id == selection]
@@ -129,8 +150,6 @@ def _choose(total: int, k: int, seed: int) -> np.ndarray:
 
 def sample_windows(shards: Sequence[Shard], sample_docs: int, window_tokens: int, seed: int) -> list[np.ndarray]:
     """A seeded sample of ``window_tokens``-token windows (litdata ``TokensLoader`` items) across ``shards``."""
-    from litdata import StreamingDataset, TokensLoader
-
     counts = [s.samples(window_tokens) for s in shards]
     if sum(counts) == 0:
         raise MidtrainError(
@@ -144,7 +163,7 @@ def sample_windows(shards: Sequence[Shard], sample_docs: int, window_tokens: int
         local = picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - offsets[i]
         if local.size == 0:
             continue
-        ds = StreamingDataset(str(shard.path), item_loader=TokensLoader(block_size=window_tokens), shuffle=False)
+        ds = open_dataset(shard.path, window_tokens)
         windows.extend(np.asarray(ds[int(j)], dtype=np.int64) for j in local)
     return windows
 
@@ -373,9 +392,9 @@ def _as_tensor(window: np.ndarray):
 
 def find_tokenizer_dir(sources: Sequence[Source]) -> Path | None:
     """``<data_path>/tokenizer`` next to the first shard source that has one."""
-    for shard in (s for source in sources for s in source.shards):
+    for shard in (s for source in sources for s in source.shards if not is_remote(s.path)):
         candidate = shard.path.parent / "tokenizer"
-        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer.model").is_file():
+        if has_tokenizer(candidate):
             print(f"similarity: using the tokenizer found next to the shards: {candidate}")
             return candidate
     return None
@@ -414,7 +433,8 @@ def _weights(value: str, field_name: str) -> dict[str, float]:
 
 
 def _mixture_rows(profiler: _Profiler, source: Source, target: Profile, mixture: str, base: str) -> dict:
-    if source.kind != "shards" or (source.path / "index.json").is_file() or not Path(source.spec).expanduser().is_dir():
+    single = len(source.shards) == 1 and source.shards[0].path == source.path
+    if source.kind != "shards" or single or source.path != location(source.spec):
         raise MidtrainError(
             f"With mixture=..., a must be one data_path (a directory of shard folders); got {source.spec!r}."
         )
@@ -580,21 +600,11 @@ def render(result: dict) -> str:
     return "\n".join(text)
 
 
-def _jsonable(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def write_results(out: Path, payload: dict, rows: Sequence[dict]) -> Path:
     """Write ``payload`` as JSON (non-finite floats become null) or ``rows`` as CSV, by ``out``'s suffix."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
-        out.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+        out.write_text(json.dumps(to_plain(payload, finite=True), indent=2) + "\n")
     elif out.suffix.lower() == ".csv":
         fieldnames = list(dict.fromkeys(k for r in rows for k in r))
         with out.open("w", newline="") as f:

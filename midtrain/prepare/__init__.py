@@ -3,7 +3,7 @@
 ``prepare`` reads documents from JSONL (plain, ``.gz``, ``.zst``), Parquet, plain-text files or
 directories of ``.txt``/``.md`` files, or a Hugging Face ``datasets`` dataset saved with
 ``save_to_disk``; tokenises them with the same tokenizer the model is trained with (a litgpt
-tokenizer directory) and writes one new shard with :class:`~midtrain.data.writer.TokenShardWriter`.
+tokenizer directory) and writes one new shard with :class:`~midtrain.prepare.writer.TokenShardWriter`.
 
 Layout under ``data_path``::
 

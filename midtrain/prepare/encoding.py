@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from midtrain.errors import MidtrainError
-from midtrain.tokenizer_fingerprint import tokenizer_fingerprint
+from midtrain.rundir import tokenizer_fingerprint
 
 BATCH_DOCS = 128
 BATCH_CHARS = 1 << 18

@@ -17,7 +17,7 @@ from midtrain.data.shards import MAIN_TYPE, classify
 from midtrain.errors import MidtrainError
 from midtrain.prepare.encoding import TokenizerSpec
 from midtrain.prepare.inputs import InputSource
-from midtrain.tokenizer_fingerprint import MANIFEST_NAME
+from midtrain.rundir import MANIFEST_NAME, check_recorded_tokenizer
 
 VAL_DIR = "val"
 
@@ -71,14 +71,11 @@ def read_manifests(data_path: Path) -> dict[Path, dict]:
 def check_tokenizer(manifests: dict[Path, dict], spec: TokenizerSpec) -> None:
     """Fail when shards under the same data_path were prepared with a different tokenizer."""
     for path, manifest in manifests.items():
-        recorded = (manifest.get("tokenizer") or {}).get("fingerprint")
-        if recorded and recorded != spec.fingerprint:
-            raise MidtrainError(
-                f"Tokenizer mismatch: shard {path} was prepared with tokenizer fingerprint {recorded} "
-                f"({manifest['tokenizer'].get('directory')}), but {spec.directory} has fingerprint "
-                f"{spec.fingerprint}. All shards under one data_path must share the tokenizer the model is trained "
-                "with; use that tokenizer_dir or a different data_path."
-            )
+        check_recorded_tokenizer(
+            manifest.get("tokenizer"), spec.fingerprint, spec.directory, f"shard {path} was prepared",
+            "all shards under one data_path must share the tokenizer the model is trained with; use that "
+            "tokenizer_dir or a different data_path.",
+        )  # fmt: skip
 
 
 def find_prepared(manifests: dict[Path, dict], records: list[dict], settings: dict) -> Path | None:
@@ -152,6 +149,3 @@ def leftover_temp_dirs(data_path: Path) -> list[Path]:
             found.extend(p for p in root.iterdir() if p.is_dir() and p.name.startswith(".") and ".tmp-" in p.name)
     return sorted(found)
 
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

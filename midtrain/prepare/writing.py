@@ -18,7 +18,8 @@ from midtrain.data.shards import read_index
 from midtrain.errors import MidtrainError
 from midtrain.prepare.encoding import EncodedBatch, TokenizerSpec, batched, encode_batches
 from midtrain.prepare.inputs import ReadStats
-from midtrain.prepare.manifests import MANIFEST_NAME, VAL_DIR, write_json
+from midtrain.prepare.manifests import VAL_DIR
+from midtrain.rundir import MANIFEST_NAME, write_json
 
 
 @dataclass
@@ -79,7 +80,7 @@ def tokenize_to_shard(
     """
     import torch
 
-    from midtrain.data.writer import DEFAULT_CHUNK_TOKENS, TokenShardWriter
+    from midtrain.prepare.writer import DEFAULT_CHUNK_TOKENS, TokenShardWriter
 
     stats = stats if stats is not None else ShardStats()
     dtype = torch.uint16 if spec.vocab_size <= 65535 else torch.int32
@@ -160,9 +161,9 @@ def _publish(train: Any, val: Any | None, stats: ShardStats, manifest: dict, spe
             "documents": stats.val_documents,
             "tokens": stats.val_tokens,
         }
-        write_json(val.tmp / MANIFEST_NAME, val_manifest)
+        write_json(val.tmp / MANIFEST_NAME, val_manifest, sort_keys=True)
         val.close()
-    write_json(train.tmp / MANIFEST_NAME, train_manifest)
+    write_json(train.tmp / MANIFEST_NAME, train_manifest, sort_keys=True)
     train.close()
 
 

@@ -11,7 +11,6 @@ where no run directory is readable is an error. The readers (:func:`read_metrics
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from midtrain.errors import MidtrainError
 from midtrain.report.plots import Series, plot_forgetting, plot_training, plot_val_set
+from midtrain.rundir import METRICS_FILE, MIXTURE_HISTORY_FILE, SUMMARY_FILE, read_json, read_metrics
 
 _VAL_KEY = re.compile(r"val/(.+)/loss")
 _TRAIN_KEY = re.compile(r"train/(.+)/loss")
@@ -27,18 +27,6 @@ _TOKENS_KEY = re.compile(r"tokens/(.+)")
 
 
 # ------------------------------------------------------------------------------------- readers
-def read_metrics(run_dir: Path | str) -> list[dict]:
-    """The rows of ``run_dir/metrics.jsonl`` in file order (an unreadable line, e.g. cut by a kill, is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"report: {path}:{number} is not JSON; skipped.")
-    return rows
-
-
 def series(rows: list[dict], key: str, default: float | None = None) -> Series:
     """(steps, values) of ``key``, sorted by step; a step logged twice (a resumed run) keeps its last value.
 
@@ -71,8 +59,7 @@ def final_val_losses(run_dir: Path | str, rows: list[dict] | None = None) -> dic
 
 def read_mixture_history(run_dir: Path | str) -> list[dict]:
     """``mixture_history.json`` of a run (empty when absent)."""
-    path = Path(run_dir) / "mixture_history.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    return read_json(Path(run_dir) / MIXTURE_HISTORY_FILE, [])
 
 
 def switch_steps(history: list[dict]) -> list[int]:
@@ -82,8 +69,7 @@ def switch_steps(history: list[dict]) -> list[int]:
 
 def read_summary(run_dir: Path | str) -> dict | None:
     """``summary.json`` of a finished run, or None."""
-    path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json(Path(run_dir) / SUMMARY_FILE)
 
 
 @dataclass
@@ -114,10 +100,10 @@ def load_runs(runs: list[str] | str, labels: list[str] | None = None) -> tuple[l
     paths = [Path(p) for pattern in patterns for p in sorted(glob.glob(os.path.expanduser(pattern))) or [pattern]]
     notes, found = [], []
     for path in dict.fromkeys(paths):
-        if not (path / "metrics.jsonl").is_file():
-            notes.append(f"Skipped {path}: no metrics.jsonl (not a run directory, or the run has not logged yet).")
+        if not (path / METRICS_FILE).is_file():
+            notes.append(f"Skipped {path}: no {METRICS_FILE} (not a run directory, or the run has not logged yet).")
         elif not (rows := read_metrics(path)):
-            notes.append(f"Skipped {path}: metrics.jsonl is empty.")
+            notes.append(f"Skipped {path}: {METRICS_FILE} is empty.")
         else:
             found.append((path, rows))
     if not found:

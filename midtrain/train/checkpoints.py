@@ -34,15 +34,22 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Mapping
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-
 from midtrain.errors import MidtrainError
-from midtrain.tokenizer_fingerprint import TOKENIZER_FILES
+from midtrain.rundir import (
+    FINAL_DIR,
+    HPARAMS_FILE,
+    MARKER_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILES,
+    TRAIN_STATE_FILE,
+    dump_json,
+    dump_yaml,
+)
+from midtrain.rundir import read_yaml as read_yaml_file
 from midtrain.train.hf_config import hf_config_files
 
 if TYPE_CHECKING:
@@ -50,13 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "lit_model.pth"
-TRAIN_STATE_FILE = "train_state.json"
-HPARAMS_FILE = "hyperparameters.yaml"
-MODEL_CONFIG_FILE = "model_config.yaml"
-MARKER_FILE = "COMPLETE"
 REQUIRED_FILES = (MODEL_FILE, TRAIN_STATE_FILE)
-FINAL_DIR = "final"
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 _OLD_PREFIX = ".old-"
@@ -161,12 +162,12 @@ def save_checkpoint(
     Re-saving an existing step replaces it.
     """
     texts = {
-        TRAIN_STATE_FILE: _to_json(train_state, "train_state"),
-        HPARAMS_FILE: _to_yaml(config, "config"),
+        TRAIN_STATE_FILE: dump_json(train_state, "train_state"),
+        HPARAMS_FILE: dump_yaml(config, "config"),
         MARKER_FILE: json.dumps({"step": step}) + "\n",
     }
     if model_config is not None:
-        texts[MODEL_CONFIG_FILE] = _to_yaml(model_config, "model_config")
+        texts[MODEL_CONFIG_FILE] = dump_yaml(model_config, "model_config")
         texts.update(hf_config_files(model_config))  # config.json, so the HF conversion loads in transformers
     return _write_atomically(fabric, Path(out_dir), checkpoint_name(step), state, texts, tokenizer_dir)
 
@@ -215,8 +216,7 @@ def read_train_state(path: Path | str) -> dict[str, Any]:
 
 def read_yaml(path: Path | str, name: str = HPARAMS_FILE) -> dict[str, Any] | None:
     """A YAML file of checkpoint ``path`` (``hyperparameters.yaml`` by default); None if absent."""
-    file = Path(path) / name
-    return yaml.safe_load(file.read_text(encoding="utf-8")) if file.is_file() else None
+    return read_yaml_file(Path(path) / name)
 
 
 def save_final(
@@ -233,9 +233,9 @@ def save_final(
     the tokenizer files it works with ``litgpt generate`` / ``convert_from_litgpt``. Call on all ranks
     (FSDP needs ``state_dict_type="full"``).
     """
-    texts = {HPARAMS_FILE: _to_yaml(config, "config"), MARKER_FILE: json.dumps({"final": True}) + "\n"}
+    texts = {HPARAMS_FILE: dump_yaml(config, "config"), MARKER_FILE: json.dumps({"final": True}) + "\n"}
     if model_config is not None:
-        texts[MODEL_CONFIG_FILE] = _to_yaml(model_config, "model_config")
+        texts[MODEL_CONFIG_FILE] = dump_yaml(model_config, "model_config")
         texts.update(hf_config_files(model_config))  # config.json, so the HF conversion loads in transformers
     return _write_atomically(fabric, Path(out_dir), FINAL_DIR, {"model": model}, texts, tokenizer_dir, unwrap=True)
 
@@ -400,29 +400,3 @@ def _listing(directory: Path) -> str:
         child.name for child in sorted(directory.iterdir()) if _STEP_DIR.fullmatch(child.name) and is_complete(child)
     ]
     return f"; complete checkpoints in {directory}: {', '.join(found) if found else 'none'}"
-
-
-def _to_plain(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return _to_plain(asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _to_json(value: Any, what: str) -> str:
-    try:
-        return json.dumps(_to_plain(value), indent=2) + "\n"
-    except (TypeError, ValueError) as err:
-        raise MidtrainError(f"{what} must be JSON-serialisable to go into a checkpoint: {err}") from err
-
-
-def _to_yaml(value: Any, what: str) -> str:
-    try:
-        return yaml.safe_dump(_to_plain(value), sort_keys=False)
-    except yaml.YAMLError as err:
-        raise MidtrainError(f"{what} must be YAML-serialisable to go into a checkpoint: {err}") from err

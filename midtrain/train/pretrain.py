@@ -25,6 +25,7 @@ from midtrain.config.commands import PretrainConfig
 from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.preemption import shielded_iter
+from midtrain.rundir import MIXTURE_HISTORY_FILE, write_json
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import (
@@ -37,7 +38,6 @@ from midtrain.train.runtime import (
     check_tokenizer,
     load_initial_weights,
     resolve_start,
-    write_json,
 )
 
 
@@ -173,7 +173,7 @@ class PretrainSteps:
 
     def _write_history(self) -> None:
         if self.fabric.global_rank == 0:
-            write_json(self.cfg.out_dir / "mixture_history.json", self.history)
+            write_json(self.cfg.out_dir / MIXTURE_HISTORY_FILE, self.history)
 
     def micro_batches(self, step: int) -> list[dict]:
         new_index, new_stage = self.data.stage_at(step)

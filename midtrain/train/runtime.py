@@ -27,12 +27,21 @@ from midtrain import preemption
 from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED, report_save_time
-from midtrain.tokenizer_fingerprint import check_shard_tokenizers, tokenizer_fingerprint
-from midtrain.train.checkpoints import (
+from midtrain.rundir import (
+    BRANCH_FILE,
     FINAL_DIR,
     MARKER_FILE,
+    METRICS_FILE,
     MODEL_FILE,
+    SUMMARY_FILE,
     TRAIN_STATE_FILE,
+    check_recorded_tokenizer,
+    check_shard_tokenizers,
+    read_json,
+    tokenizer_fingerprint,
+    write_json,
+)
+from midtrain.train.checkpoints import (
     load_checkpoint,
     own_checkpoint,
     prune_checkpoints,
@@ -45,9 +54,6 @@ from midtrain.train.loading import load_model_entry
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.ownership import shared_start
 
-BRANCH_FILE = "branch_point.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 PREEMPTION_POLL_SECONDS = 10.0
 """Several processes agree on the preemption flag at every log step (inside the metrics reduction) and, between
 log steps, with one small collective about this often (never every step: each one is a host-device sync)."""
@@ -246,7 +252,7 @@ def _resume_policy(
         if named is not None and named not in (own.resolve(), (own / MODEL_FILE).resolve()):
             fabric.print(f"{out_dir} already has checkpoint {own.name}: continuing it, not starting from {resume}.")
         saved = read_train_state(own)
-        branch = saved.get("branch_point") or _read_json(out_dir / BRANCH_FILE)
+        branch = saved.get("branch_point") or read_json(out_dir / BRANCH_FILE)
         if branch is None:
             fabric.print(f"note: {own} records no branch point; max_additional_steps counts from step 0.")
             branch = {"step": 0, "checkpoint": None, "initial_weights": None}
@@ -359,15 +365,12 @@ def check_tokenizer(
         return
     if note := check_shard_tokenizers(tokenizer_dir, shard_dirs):
         fabric.print(note)
-    saved = _read_json(Path(weights_dir) / TRAIN_STATE_FILE) if weights_dir is not None else None
-    recorded = (saved or {}).get("tokenizer") or {}
-    fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    if recorded.get("fingerprint") not in (None, fingerprint):
-        raise MidtrainError(
-            f"{weights_dir} was trained with tokenizer {recorded.get('directory')} (fingerprint "
-            f"{recorded['fingerprint'][:12]}), this run uses {tokenizer_dir} (fingerprint {fingerprint[:12]}); token "
-            "IDs would not mean the same thing. Use the tokenizer the weights were trained with."
-        )
+    saved = read_json(Path(weights_dir) / TRAIN_STATE_FILE) if weights_dir is not None else None
+    check_recorded_tokenizer(
+        (saved or {}).get("tokenizer"), tokenizer_fingerprint(tokenizer_dir), tokenizer_dir,
+        f"{weights_dir} was trained",
+        "token IDs would not mean the same thing. Use the tokenizer the weights were trained with.",
+    )  # fmt: skip
 
 
 def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
@@ -607,12 +610,3 @@ class Steps(Protocol):
     def summary(self) -> dict:
         """The command's figures in ``summary.json``."""
 
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,7 +1,7 @@
 """``midtrain demo``: both papers' experiment designs on one CPU in minutes, with no download.
 
 1. build the demo corpus (stdlib code, bundled docs prose, generated math), its tokenizer and a
-   code SFT set whose every example scores (``midtrain.data.demo_corpus``);
+   code SFT set whose every example scores (``midtrain.demo.corpus``);
 2. pretrain a tiny GPT on general prose (``main``) up to the branch step;
 3. branch from that checkpoint into (a) the base mixture unchanged, (b) midtraining with 20% code,
    (c) continued pretraining on 100% code (the midtraining paper's baseline); all three train the
@@ -40,9 +40,10 @@ from pathlib import Path
 import yaml
 
 from midtrain.cli import run
+from midtrain.demo import claims as C
 from midtrain.errors import MidtrainError
 from midtrain.eval.losses import read_rows, write_rows
-from midtrain.report import claims as C
+from midtrain.rundir import SUMMARY_FILE, read_json
 
 MODEL = {"name": "demo-tiny", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128,
          "vocab_size": 4096, "padded_vocab_size": 4096, "bias": True}
@@ -229,8 +230,8 @@ def demo(
         processes: Runs trained at once, each in its own single-threaded process (default: min(2, CPU cores)).
         seed: Seed of the demo corpus.
     """
-    from midtrain.data.demo_corpus import build_demo_corpus
-    from midtrain.train.checkpoints import find_latest
+    from midtrain.demo.corpus import build_demo_corpus
+    from midtrain.train.checkpoints import checkpoint_name, find_latest
 
     fractions = sorted(set(efficiency_fractions or [0.25, 0.5, 1.0]))
     if len(fractions) < 3 or not all(0 < f <= 1 for f in fractions):
@@ -277,7 +278,7 @@ def demo(
         branch_ckpt = find_latest(runs / "pretrain")
         starts = {name: branch_ckpt for name in BRANCHES}
         if early:
-            starts["midtrain-early"] = runs / "pretrain" / f"step-{early:08d}"
+            starts["midtrain-early"] = runs / "pretrain" / checkpoint_name(early)
         mixes = {**BRANCHES, **({"midtrain-early": BRANCHES["midtrain"]} if early else {})}
 
         full = sft["examples"]
@@ -423,7 +424,7 @@ def _efficiency_csv(path: Path, jobs: list[SFTRun], losses: dict, checkpoints: d
 
 
 def _summary(job: SFTRun) -> dict:
-    return json.loads((job.dir / "summary.json").read_text(encoding="utf-8"))
+    return read_json(job.dir / SUMMARY_FILE)
 
 
 def _claims(main_jobs: list[SFTRun], seed_jobs: list[SFTRun], losses: dict, efficiency: dict | None,

@@ -1,10 +1,10 @@
-"""Shards in object storage (``s3://``, ``gs://``): list a prefix, read a small file.
+"""Storage: one interface for local paths and ``s3://`` / ``gs://`` URLs.
 
-litdata streams and caches the chunk files itself; midtrain only needs to list the shard
-directories under a remote ``data_path`` and read each ``index.json`` for token counts. Clients
-are built as litdata builds its own from the same ``storage_options``: ``boto3`` for ``s3://``
-(``session.client("s3", **storage_options)``, e.g. ``endpoint_url``, ``region_name``, keys) and
-``google.cloud.storage.Client(**storage_options)`` for ``gs://``.
+Shard discovery, validation sets, ``evaluate`` and ``similarity`` go through :class:`Store` to list a
+directory, read a small file (an ``index.json``) and open a shard as a litdata ``StreamingDataset``;
+litdata streams and caches remote chunk files itself. Remote clients are built as litdata builds its
+own from the same ``storage_options``: ``boto3`` for ``s3://`` (``session.client("s3", **storage_options)``,
+e.g. ``endpoint_url``, ``region_name``, keys) and ``google.cloud.storage.Client(**storage_options)`` for ``gs://``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,56 @@ def is_remote(path: str | Path | None) -> bool:
 def join_url(url: str, *parts: str) -> str:
     """``join_url("s3://b/data", "c1", "index.json")`` -> ``"s3://b/data/c1/index.json"``."""
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def join(path: str | Path, *parts: str) -> str | Path:
+    """``path / part / ...`` for a local path, :func:`join_url` for a URL."""
+    return join_url(str(path), *parts) if is_remote(path) else Path(path).joinpath(*parts)
+
+
+def location(path: str | Path) -> str | Path:
+    """The canonical form of ``path``: a URL without its trailing slash, or an expanded local ``Path``."""
+    return str(path).rstrip("/") if is_remote(path) else Path(path).expanduser()
+
+
+class Store:
+    """List, read and open under a local path or a remote URL (``storage_options`` for the latter).
+
+    One remote client is built lazily per store and reused for every call.
+    """
+
+    def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        self.storage_options = dict(storage_options or {})
+        self.remote = RemoteStore(str(path), self.storage_options) if is_remote(path) else None
+
+    def list_dirs(self, path: str | Path) -> list[str]:
+        """Names of the subdirectories of ``path``, sorted."""
+        if self.remote is not None:
+            return self.remote.list_dirs(str(path))
+        return sorted(c.name for c in Path(path).iterdir() if c.is_dir())
+
+    def read_bytes(self, path: str | Path) -> bytes | None:
+        """Contents of the file at ``path``; None when it does not exist."""
+        if self.remote is not None:
+            return self.remote.read_bytes(str(path))
+        return Path(path).read_bytes() if Path(path).is_file() else None
+
+    def open_dataset(self, path: str | Path, block_size: int, **kwargs: Any) -> Any:
+        """The shard at ``path`` as an unshuffled litdata ``StreamingDataset`` of ``block_size``-token windows."""
+        return open_dataset(path, block_size, self.storage_options, **kwargs)
+
+
+def open_dataset(path: str | Path, block_size: int, storage_options: dict[str, Any] | None = None, **kwargs: Any):
+    """The shard at ``path`` (local or URL) as an unshuffled litdata ``StreamingDataset`` of token windows."""
+    from litdata import StreamingDataset, TokensLoader
+
+    return StreamingDataset(
+        str(path),
+        item_loader=TokensLoader(block_size=block_size),
+        shuffle=False,
+        storage_options=dict(storage_options or {}),
+        **kwargs,
+    )
 
 
 def _split(url: str) -> tuple[str, str, str]:

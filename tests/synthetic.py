@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from midtrain.data.writer import write_token_shard
+from midtrain.prepare.writer import write_token_shard
 
 
 def write_shard(

@@ -396,7 +396,7 @@ def _write(docs: list[str], path: Path, spec: TokenizerSpec, label: str, seed: i
         "shard": path.name,
         "inputs": [{"path": f"demo:{label}", "kind": "generated", "documents": len(docs), "sha256": digest}],
         "text_key": None,
-        "generator": {"name": "midtrain.data.demo_corpus", "version": DEMO_VERSION, "seed": seed},
+        "generator": {"name": "midtrain.demo.corpus", "version": DEMO_VERSION, "seed": seed},
     }
     if path.parent.name == VAL_DIR:
         manifest["split"] = "val"

@@ -7,13 +7,13 @@ here, before any run, and never tuned.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from midtrain.errors import MidtrainError
+from midtrain.rundir import SUMMARY_FILE, TRAIN_STATE_FILE, read_json
 
 LIU_2025 = "Liu, Neubig & Xiong 2025"
 KOTHA_2026 = "Kotha & Liang 2026"
@@ -40,9 +40,9 @@ class Claim:
 
 # ------------------------------------------------------------------------------------ budgets
 def _tokens_by_type(path: Path, what: str) -> dict[str, int]:
-    if not path.is_file():
+    data = read_json(path)
+    if data is None:
         raise MidtrainError(f"{path} does not exist; cannot state the {what}.")
-    data = json.loads(path.read_text(encoding="utf-8"))
     return {k: int(v) for k, v in (data.get("tokens_by_type") or {}).items()}
 
 
@@ -52,8 +52,8 @@ def branch_budget(run_dir: Path, start_checkpoint: Path | None) -> dict[str, int
     The difference between the run's ``summary.json`` and the start checkpoint's ``train_state.json``
     (both cumulative over the whole training history).
     """
-    end = _tokens_by_type(Path(run_dir) / "summary.json", "budget of a run that has not finished")
-    start = {} if start_checkpoint is None else _tokens_by_type(Path(start_checkpoint) / "train_state.json", "budget")
+    end = _tokens_by_type(Path(run_dir) / SUMMARY_FILE, "budget of a run that has not finished")
+    start = {} if start_checkpoint is None else _tokens_by_type(Path(start_checkpoint) / TRAIN_STATE_FILE, "budget")
     after = {t: end.get(t, 0) - start.get(t, 0) for t in sorted(set(end) | set(start))}
     return {t: n for t, n in after.items() if n}
 
