@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from midtrain.errors import MidtrainError
@@ -38,23 +38,29 @@ def tokenizer_fingerprint(tokenizer_dir: Path | str) -> str:
     return digest.hexdigest()
 
 
-def check_shard_tokenizers(tokenizer_dir: Path | str, shard_dirs: Iterable[Path | str]) -> str | None:
-    """Refuse shards whose ``prepare.json`` names another tokenizer than ``tokenizer_dir``.
+def check_shard_tokenizers(
+    tokenizer_dir: Path | str, shard_dirs: Iterable[Path | str], read: Callable[[str], dict | None] | None = None
+) -> str | None:
+    """Refuse shards whose ``prepare.json`` names another tokenizer than ``tokenizer_dir`` (``read``: a shard's
+    manifest, for remote shards; default: the local file).
 
     Returns a note naming the shards that have no manifest (not prepared by ``midtrain prepare``,
     so their tokenizer cannot be checked), or None when every shard was checked.
     """
     expected = tokenizer_fingerprint(tokenizer_dir)
     unchecked: list[str] = []
-    for shard in dict.fromkeys(Path(s) for s in shard_dirs):
-        manifest = shard / MANIFEST_NAME
-        if not manifest.is_file():
-            unchecked.append(str(shard))
-            continue
-        try:
-            recorded = (json.loads(manifest.read_text()).get("tokenizer") or {})
-        except json.JSONDecodeError as err:
-            raise MidtrainError(f"Corrupt {manifest}: {err}; repair it or re-run `midtrain prepare`.") from err
+    for shard in dict.fromkeys(shard_dirs if read is not None else (Path(s) for s in shard_dirs)):
+        if read is not None:
+            recorded = ((read(shard) or {}).get("tokenizer") or {})
+        else:
+            manifest = shard / MANIFEST_NAME
+            if not manifest.is_file():
+                unchecked.append(str(shard))
+                continue
+            try:
+                recorded = (json.loads(manifest.read_text()).get("tokenizer") or {})
+            except json.JSONDecodeError as err:
+                raise MidtrainError(f"Corrupt {manifest}: {err}; repair it or re-run `midtrain prepare`.") from err
         fingerprint = recorded.get("fingerprint")
         if fingerprint is None:
             unchecked.append(str(shard))

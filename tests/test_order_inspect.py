@@ -71,7 +71,7 @@ def test_planned_epochs_are_the_counts_the_loader_reads(tree):
 def test_inspect_cli_prints_the_step(tree, tmp_path, capsys):
     cfg = {
         "model_config": {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": SEQ,
-                         "vocab_size": 512, "padded_vocab_size": 512},
+                         "vocab_size": 1 << 26, "padded_vocab_size": 1 << 26},  # the tree's counting ids
         "devices": 2,
         "data": {"class_path": "midtrain.data.ShardedMixedDataset",
                  "init_args": {"data_path": str(tree), "mix_weights_str": "main:0.5,code:0.5", "stages": STAGES}},
