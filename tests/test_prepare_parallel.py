@@ -51,3 +51,22 @@ def test_a_reserved_name_is_skipped_and_an_explicit_one_refused(tmp_path):
             with reserve_shard_name(tmp_path, "code", table, "c1"):
                 pass
     assert not list(tmp_path.iterdir())
+
+
+def test_submit_prepare_runs_an_array_over_the_parts(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    for i in range(3):
+        (tmp_path / f"part{i}.jsonl").write_text("{}\n")
+    site = tmp_path / "site.sh"
+    site.write_text(f"MIDTRAIN_ROOT={tmp_path}\nMIDTRAIN_LOG_DIR={tmp_path}/logs\nsite_activate() {{ :; }}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MIDTRAIN_", "DRY_RUN"))}
+    out = subprocess.run(
+        ["bash", str(repo / "training_scripts/submit.sh"), "prepare", "--dry-run", str(tmp_path / "part*.jsonl"),
+         "--", "--type", "code", "--data_path", "D", "--tokenizer_dir", "T"],
+        env={**env, "MIDTRAIN_SITE": str(site)}, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--array=0-2" in out.stdout
+    for i in range(3):
+        assert (f"[task {i}] " in out.stdout
+                and f"prepare --inputs {tmp_path}/part{i}.jsonl --type code --data_path D" in out.stdout)
