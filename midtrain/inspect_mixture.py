@@ -10,9 +10,12 @@ from litgpt.config import Config
 
 from midtrain.config.checks import check_pretrain, world_size
 from midtrain.config.sections import EvalArgs, TrainArgs
+from midtrain.data.mixed_stream import resume_order
 from midtrain.data.mixture import Mixture
+from midtrain.data.order import RunOrder
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
+from midtrain.train.checkpoints import is_complete, own_checkpoint, read_train_state, resolve_resume
 
 
 @dataclass
@@ -27,22 +30,95 @@ class PlanRow:
     epochs: float
 
 
-def plan(data: ShardedMixedDataset, max_steps: int, start_step: int = 0) -> list[PlanRow]:
-    """Planned tokens and epochs per shard and stage for steps ``[start_step, max_steps)``, counted exactly by the
-    data order (``data`` must be connected with ``global_batch_size``); epochs = samples read / samples in the shard."""
-    order = data.order()
-    batch, seq_len = data.global_batch_size, data.block_size - 1
+@dataclass
+class History:
+    """Where ``midtrain pretrain`` would continue from: a checkpoint (the run's own newest, else ``resume``) and
+    its ``train_state.json``, or a fresh start (both None)."""
+
+    checkpoint: Path | None
+    saved: dict | None
+
+    @property
+    def step(self) -> int:
+        return int(self.saved["step"]) if self.saved else 0
+
+    @property
+    def loader_state(self) -> dict | None:
+        return self.saved["loader"] if self.saved else None
+
+
+def history(resume: object, out_dir: Path | str) -> History:
+    """The checkpoint a run of this config continues, by pretrain's resume policy (``out_dir``'s newest complete
+    checkpoint, else ``resume``). A checkpoint that does not exist (yet) gives a fresh start (preflight warned)."""
+    try:
+        checkpoint = own_checkpoint(out_dir, resume) or resolve_resume(resume, out_dir)
+    except MidtrainError:
+        return History(None, None)
+    return History(checkpoint, read_train_state(checkpoint) if checkpoint is not None else None)
+
+
+def run_order(data: ShardedMixedDataset, past: History) -> RunOrder:
+    """The order ``pretrain`` will follow after ``past`` (``data`` connected with ``global_batch_size``)."""
+    return data.order(past.step, past.loader_state)
+
+
+def recorded_order(data: ShardedMixedDataset, out_dir: Path | str, step: int) -> RunOrder:
+    """The order step ``step`` (1-based) of the run in ``out_dir`` was trained on, as its checkpoints recorded it:
+    the generations of the first checkpoint at or after the step, anchored at the last one before it (or the
+    branch point), the global batch being what the run consumed per step between the two."""
+    out_dir = Path(out_dir)
+    found = sorted((int(read_train_state(p)["step"]), p) for p in out_dir.glob("step-*") if is_complete(p))
+    after = next(((n, p) for n, p in found if n >= step), None)
+    if after is None:
+        raise MidtrainError(f"Step {step} is not among the steps {out_dir} has trained.")
+    later = read_train_state(after[1])
+    branch = later.get("branch_point") or {}
+    anchor: tuple[int, dict | None] = (0, None)
+    if branch.get("checkpoint") and is_complete(Path(branch["checkpoint"])):
+        anchor = (int(branch["step"]), read_train_state(Path(branch["checkpoint"])))
+    for n, p in found:
+        if anchor[0] <= n < step:
+            anchor = (n, read_train_state(p))
+    if int(branch.get("step") or 0) >= step or (int(branch.get("step") or 0) > 0 and anchor[1] is None):
+        raise MidtrainError(
+            f"Step {step} was trained before {out_dir}'s branch point or before every checkpoint left there; "
+            "inspect the run that trained it."
+        )
+    start, state = anchor
+    index = int(state["loader"]["consumed"]) if state else 0
+    batch, rem = divmod(int(later["loader"]["consumed"]) - index, after[0] - start)
+    if rem:
+        raise MidtrainError(f"The checkpoints of {out_dir} around step {step} do not share one global batch size.")
+    last = later["loader"]["generations"][-1]
+    fresh = data.order().order  # seed and shard layouts; the history itself is read as recorded
+    order, _, _ = resume_order(later["loader"], fresh, data.block_size, {}, last["weights"], last["blend"])
+    return RunOrder(order, start, index, batch)
+
+
+def _epochs(read: int, samples: int) -> float:
+    """Epochs of a shard read ``read`` times (0 for a shard with no window of the sequence length)."""
+    return read / samples if samples else 0.0
+
+
+def plan(data: ShardedMixedDataset, max_steps: int, run: RunOrder | None = None) -> list[PlanRow]:
+    """Planned tokens and epochs per shard and stage for steps ``[run.step, max_steps)`` (default: a fresh run),
+    counted exactly by the data order (``data`` must be connected with ``global_batch_size``); epochs = samples
+    read / samples in the shard. Stages over before ``run.step`` are left out."""
+    run = run or data.order()
+    order, seq_len = run.order, data.block_size - 1
     samples = {s.id: s.samples(data.block_size) for s in data.shards}
     rows = []
     bounds = [s.at_step for s in data.stage_list[1:]] + [max_steps]
     for i, (stage, end) in enumerate(zip(data.stage_list, bounds)):
-        lo = max(stage.at_step, start_step)
+        lo = max(stage.at_step, run.step)
         hi = max(lo, min(end, max_steps))
-        before, after = order.k_at(lo * batch), order.k_at(hi * batch)
+        if hi == lo and end <= run.step:
+            continue
+        before, after = order.k_at(run.index_of(lo)), order.k_at(run.index_of(hi))
         for r in stage.mixture.rows:
             read = after.get(r.shard.id, 0) - before.get(r.shard.id, 0)
             rows.append(PlanRow(i, stage.at_step, r.shard.id, r.shard.type, r.shard.tokens, r.weight,
-                                read * seq_len, read / samples[r.shard.id]))
+                                read * seq_len, _epochs(read, samples[r.shard.id])))
     return rows
 
 
@@ -55,28 +131,30 @@ class StepSample:
     index: int
 
 
-def step_provenance(data: ShardedMixedDataset, step: int, world_size: int = 1) -> list[StepSample]:
+def step_provenance(data: ShardedMixedDataset, step: int, world_size: int = 1,
+                    run: RunOrder | None = None) -> list[StepSample]:
     """The samples optimizer step ``step`` (1-based, as logged) trains on: position in the global batch, rank,
     source, the source's epoch (0-based) and the sample's index inside the source."""
-    order = data.order()
-    batch = data.global_batch_size
+    run = run or data.order()
+    batch = run.global_batch
     if step < 1:
         raise MidtrainError(f"--step counts optimizer steps from 1 (as logged), got {step}.")
     if batch % world_size:
         raise MidtrainError(f"The global batch of {batch} does not split across {world_size} processes.")
-    g = np.arange((step - 1) * batch, step * batch)
-    gen, src, epoch, ids = order.lookup(g)
-    names = list(order.generations[gen].weights)
+    first = run.index_of(step - 1)
+    gen, src, epoch, ids = run.order.lookup(np.arange(first, first + batch))
+    names = list(run.order.generations[gen].weights)
     per_rank = batch // world_size
     return [StepSample(p, p // per_rank, names[s], e, i)
             for p, (s, e, i) in enumerate(zip(src.tolist(), epoch.tolist(), ids.tolist()))]
 
 
-def epochs_by_step(data: ShardedMixedDataset, step: int) -> dict[str, float]:
+def epochs_by_step(data: ShardedMixedDataset, step: int, run: RunOrder | None = None) -> dict[str, float]:
     """Epochs of each source read by the end of optimizer step ``step`` (samples served / samples in the shard)."""
-    k = data.order().k_at(step * data.global_batch_size)
+    run = run or data.order()
+    k = run.order.k_at(run.index_of(step))
     samples = {s.id: s.samples(data.block_size) for s in data.shards}
-    return {sid: n / samples[sid] for sid, n in k.items()}
+    return {sid: _epochs(n, samples.get(sid, 0)) for sid, n in k.items()}
 
 
 def split_step_option(args: list[str]) -> tuple[list[str], int | None]:
@@ -134,25 +212,35 @@ def inspect(data: ShardedMixedDataset | None = None, train: TrainArgs | None = N
     )
     seq_len = train.max_seq_length or config.block_size
     tokens_per_step = train.global_batch_size * seq_len
-    print(f"data_path: {data.data_path} ({len(data.shards)} shards, {sum(s.tokens for s in data.shards):,} tokens)")
-    print(f"run: {train.max_steps:,} steps x {train.global_batch_size} sequences x {seq_len} tokens = "
-          f"{train.max_steps * tokens_per_step:,} tokens")
-    if data.val_paths:
-        print("validation sets: " + ", ".join(f"{k}={v}" for k, v in data.val_paths.items()))
     data.connect(batch_size=train.micro_batch_size, max_seq_length=seq_len, with_source=True,
                  global_batch_size=train.global_batch_size)
-    rows = plan(data, train.max_steps)
+    out_dir = out_dir or Path("out/pretrain")
+    past = history(resume, out_dir)
+    run = run_order(data, past)
+    steps = max(0, train.max_steps - past.step)
+    print(f"data_path: {data.data_path} ({len(data.shards)} shards, {sum(s.tokens for s in data.shards):,} tokens)")
+    if past.checkpoint is not None:
+        print(f"continues {past.checkpoint} (step {past.step}, global index {run.index:,}): its data order, then "
+              "this config's mixture and stages")
+    print(f"run: {steps:,} steps ({past.step + 1}..{train.max_steps}) x {train.global_batch_size} sequences x "
+          f"{seq_len} tokens = {steps * tokens_per_step:,} tokens")
+    if data.val_paths:
+        print("validation sets: " + ", ".join(f"{k}={v}" for k, v in data.val_paths.items()))
+    rows = plan(data, train.max_steps, run)
     table, warnings = format_plan(rows, [s.mixture for s in data.stage_list], data.repeat_warning)
     print(table)
     for w in warnings:
         print(f"WARNING: {w}")
     if step is not None:
+        if step <= past.step:  # a step the run has trained: as its checkpoints recorded it
+            run = recorded_order(data, out_dir, step)
+            print(f"step {step} was trained before step {past.step + 1}: from the order {out_dir}'s checkpoints record")
         world = world_size(devices, num_nodes, _.get("accelerator", "auto"))
-        print(f"step {step}: global indices {(step - 1) * train.global_batch_size:,} to "
-              f"{step * train.global_batch_size - 1:,} on {world} process(es)")
+        first = run.index_of(step - 1)
+        print(f"step {step}: global indices {first:,} to {first + run.global_batch - 1:,} on {world} process(es)")
         print(f"{'position':>8} {'rank':>5} {'source':<12} {'epoch':>6} {'index':>10}")
-        for r in step_provenance(data, step, world):
+        for r in step_provenance(data, step, world, run):
             print(f"{r.position:>8} {r.rank:>5} {r.source:<12} {r.epoch:>6} {r.index:>10}")
         print(f"epochs read by the end of step {step}: "
-              + ", ".join(f"{sid} {e:.3f}" for sid, e in epochs_by_step(data, step).items()))
+              + ", ".join(f"{sid} {e:.3f}" for sid, e in epochs_by_step(data, step, run).items()))
     return rows

@@ -187,16 +187,20 @@ def check_recorded_tokenizer(
         )
 
 
-def check_shard_tokenizers(tokenizer_dir: Path | str, shard_dirs: Iterable[Path | str]) -> str | None:
-    """Refuse shards whose ``prepare.json`` names another tokenizer than ``tokenizer_dir``.
+def check_shard_tokenizers(
+    tokenizer_dir: Path | str, shard_dirs: Iterable[Path | str], read: Callable[[Any], dict | None] | None = None
+) -> str | None:
+    """Refuse shards whose ``prepare.json`` names another tokenizer than ``tokenizer_dir`` (``read``: a shard's
+    manifest, e.g. for remote shards; default: the local file).
 
     Returns a note naming the shards that have no manifest (not prepared by ``midtrain prepare``,
     so their tokenizer cannot be checked), or None when every shard was checked.
     """
     expected = tokenizer_fingerprint(tokenizer_dir)
     unchecked: list[str] = []
-    for shard in dict.fromkeys(Path(s) for s in shard_dirs):
-        recorded = (read_json(shard / MANIFEST_NAME) or {}).get("tokenizer") or {}
+    read = read or (lambda shard: read_json(Path(shard) / MANIFEST_NAME))
+    for shard in dict.fromkeys(shard_dirs):
+        recorded = (read(shard) or {}).get("tokenizer") or {}
         if recorded.get("fingerprint") is None:
             unchecked.append(str(shard))
         check_recorded_tokenizer(

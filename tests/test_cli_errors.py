@@ -119,7 +119,7 @@ CASES: dict[str, tuple[dict | None, list[str], list[str], str]] = {
 
 def layout(name: str, root: Path) -> None:
     """The shard tree of one case: the shared layout plus the case's defect."""
-    write_tree(root / "data", {"1": 3_000, "2": 3_000, "c1": 2_000, "m1": 1_000}, chunk_tokens=500)
+    write_tree(root / "data", {"1": 3_000, "2": 3_000, "c1": 2_000, "m1": 1_000}, vocab_size=256, chunk_tokens=500)
     if name == "corrupt_index":
         (root / "data/m1/index.json").write_text("{not json")
     if name == "shard_dirs_1_and_01":

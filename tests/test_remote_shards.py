@@ -256,8 +256,9 @@ def test_training_and_resume_stream_remote_shards(s3_server, remote_tree, tmp_pa
     capsys.readouterr()
     plan = run("inspect", ["--config", str(cfg)])  # the dry run: mixture table of the remote shards
     assert f"data_path: s3://{bucket}/train (4 shards, 21,000 tokens)" in capsys.readouterr().out
+    fresh = ["--out_dir", str(tmp_path / "fresh")]  # `here` has finished; inspect plans from where a run continues
     assert [(r.shard_id, r.tokens, r.weight) for r in plan] == [
-        (r.shard_id, r.tokens, r.weight) for r in run("inspect", ["--config", str(here.with_suffix(".yaml"))])
+        (r.shard_id, r.tokens, r.weight) for r in run("inspect", ["--config", str(here.with_suffix(".yaml")), *fresh])
     ]
     cache = tmp_path / "litdata-cache"
     env = {**os.environ, "LITDATA_CACHE_DIR": str(cache), "AWS_EC2_METADATA_DISABLED": "true"}

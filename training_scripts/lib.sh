@@ -288,3 +288,32 @@ launch() {
     cmd=(); while IFS= read -r line; do cmd+=("$line"); done < <(task_command "${configs[$i]}")
     run_task "$PREEMPT_MARKER" "${cmd[@]}"
 }
+
+# expand_parts ARG...: input parts of `midtrain prepare`, one per line (absolute). ARG is a file or directory
+# (one input), a glob in quotes (sorted matches), or @LIST (a file, one path per line, '#' comments).
+expand_parts() {
+    local arg line out=()
+    for arg in "$@"; do
+        if [[ "$arg" == @* ]]; then
+            [[ -f "${arg#@}" ]] || die "no list file ${arg#@}"
+            while IFS= read -r line || [[ -n "$line" ]]; do
+                line="${line%%#*}"; line="${line#"${line%%[![:space:]]*}"}"; line="${line%"${line##*[![:space:]]}"}"
+                [[ -n "$line" ]] && out+=("$line")
+            done < "${arg#@}"
+        elif [[ -e "$arg" ]]; then out+=("$arg")
+        else
+            local matches
+            matches="$(compgen -G "$arg" | LC_ALL=C sort)" || die "no input matches $arg"
+            while IFS= read -r line; do out+=("$line"); done <<< "$matches"
+        fi
+    done
+    (( ${#out[@]} )) || die "no input parts given"
+    local f abs seen=" "
+    for f in "${out[@]}"; do
+        [[ -e "$f" ]] || die "input $f does not exist"
+        abs="$(cd "$(dirname "$f")" && pwd)/$(basename "$f")"
+        [[ "$seen" != *" $abs "* ]] || die "input $f is listed twice"
+        seen+="$abs "
+        echo "$abs"
+    done
+}

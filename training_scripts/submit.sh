@@ -2,7 +2,7 @@
 # Submit a training_scripts/*.sbatch job with the site's settings, as an array of one task per config.
 #
 #   training_scripts/submit.sh KIND [--dry-run] [--sbatch=OPTION...] CONFIG|DIR|'GLOB'|LIST... [-- OVERRIDES...]
-#   KIND: pretrain | finetune | evaluate | report
+#   KIND: pretrain | finetune | evaluate | report | prepare (an array over input parts: PART|'GLOB'|@LIST... -- prepare options)
 #   --sbatch=OPTION: one more sbatch option, after the site's (e.g. --sbatch=--dependency=afterok:123);
 #   `midtrain experiment submit` passes the job name and dependencies this way.
 #
@@ -23,7 +23,9 @@ usage() { sed -n '2,/^set -euo/p' "$MIDTRAIN_REPO/training_scripts/submit.sh" | 
 
 [[ $# -ge 1 && "$1" != -h && "$1" != --help ]] || { usage; exit 0; }
 kind="$1"; shift
-case "$kind" in pretrain|finetune|evaluate|report) ;; *) die "unknown job kind $kind (pretrain, finetune, evaluate, report)" ;; esac
+case "$kind" in pretrain|finetune|evaluate|report|prepare) ;; *) die "unknown job kind $kind (pretrain, finetune, evaluate, report, prepare)" ;; esac
+expand=expand_configs
+[[ "$kind" != prepare ]] || expand=expand_parts
 extra_sbatch=() rest=() after_dashes=0
 for arg in "$@"; do
     if (( ! after_dashes )) && [[ "$arg" == --sbatch=* ]]; then extra_sbatch+=("${arg#--sbatch=}"); else rest+=("$arg"); fi
@@ -32,16 +34,17 @@ done
 parse_args "${rest[@]+"${rest[@]}"}"
 load_site
 configs=()
-while IFS= read -r line; do configs+=("$line"); done < <(expand_configs "${CONFIG_ARGS[@]}")
+while IFS= read -r line; do configs+=("$line"); done < <("$expand" "${CONFIG_ARGS[@]}")
 n=${#configs[@]}
 opts=()
 while IFS= read -r line; do opts+=("$line"); done < <(requested_options "$kind")
 
 # The preemption signal must reach midtrain: only SIGUSR1 is handled; B: (batch shell only) is forwarded.
 signal="$(sbatch_option signal "${opts[@]+"${opts[@]}"}")"
-case "$signal" in
-    "") note "warning: no --signal for $kind jobs: a run reaching its time limit is killed without a checkpoint" ;;
-    B:*) note "note: --signal=$signal reaches only the batch shell; the script forwards it to the job step" ;;
+case "$kind:$signal" in
+    prepare:*) ;;  # not preempted with a checkpoint: a requeued task skips the parts already prepared
+    *:) note "warning: no --signal for $kind jobs: a run reaching its time limit is killed without a checkpoint" ;;
+    *:B:*) note "note: --signal=$signal reaches only the batch shell; the script forwards it to the job step" ;;
 esac
 sig_name="${signal#*:}"; sig_name="${sig_name%@*}"; sig_name="${sig_name#SIG}"
 [[ -z "$signal" || "$sig_name" == "$PREEMPT_SIGNAL" || "$sig_name" == "$(kill -l "$PREEMPT_SIGNAL")" ]] \
@@ -65,6 +68,7 @@ else
     job_dir="$MIDTRAIN_LOG_DIR/$kind-$(date -u +%Y%m%d-%H%M%S)-$$"
     list="$job_dir/configs.txt"
 fi
+[[ "$kind" != prepare || "$DRY_RUN" == 1 ]] || list="@$list"
 cmd=(sbatch "${SITE_SBATCH_ARGS[@]+"${SITE_SBATCH_ARGS[@]}"}" "${!kind_args_name+"${!kind_args_name}"}"
      "${extra_sbatch[@]+"${extra_sbatch[@]}"}" --array="0-$((n - 1))" --output="$job_dir/%A_%a.out"
      "$MIDTRAIN_REPO/training_scripts/$kind.sbatch" "${script_args[@]}" "$list" -- "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")
@@ -77,9 +81,9 @@ if [[ "$DRY_RUN" == 1 ]]; then
 fi
 
 mkdir -p "$job_dir"
-printf '%s\n' "${configs[@]}" > "$list"
+printf '%s\n' "${configs[@]}" > "${list#@}"
 printf '%q ' "${cmd[@]}" > "$job_dir/submit.txt"; echo >> "$job_dir/submit.txt"
-out="$(sbatch --parsable "${cmd[@]:1}")" || die "sbatch failed (the configs are in $list)"
+out="$(sbatch --parsable "${cmd[@]:1}")" || die "sbatch failed (the configs are in ${list#@})"
 job_id="${out%%;*}"
 echo "$job_id" > "$job_dir/job_id"
 ln -sfn "$(basename "$job_dir")" "$MIDTRAIN_LOG_DIR/$kind-$job_id"

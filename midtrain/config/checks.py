@@ -20,7 +20,10 @@ from litgpt.config import Config, name_to_config
 from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.mixture import MixtureSpec, load_mix_config
 from midtrain.data.shards import load_shard
+from midtrain.data.token_range import check_token_ids, read_manifest
 from midtrain.errors import MidtrainError
+from midtrain.rundir import check_shard_tokenizers
+from midtrain.storage import is_remote
 from midtrain.train.checkpoints import own_checkpoint, resolve_resume
 
 LOGGER_PACKAGES = {
@@ -124,6 +127,19 @@ def check_data(data: Any, train: TrainArgs, seq_len: int) -> None:
         load_shard(name, "val", path, data.storage_options).check_block_size(seq_len + 1)
 
 
+def check_token_range(data: Any, config: Config) -> None:
+    """Every sampled shard's largest token id fits the model's padded vocabulary (named shard otherwise)."""
+    sampled = [row.shard for stage in data.stage_list for row in stage.mixture.active]
+    check_token_ids(sampled, config.padded_vocab_size, data.storage_options)
+
+
+def check_remote_tokenizers(data: Any, tokenizer_dir: Path | str | None) -> None:
+    """Remote shards' ``prepare.json`` names the run's tokenizer (local shards: checked when training starts)."""
+    remote = [s.path for s in data.shards if is_remote(s.path)]
+    if tokenizer_dir is not None and remote:
+        check_shard_tokenizers(tokenizer_dir, remote, read=lambda p: read_manifest(p, data.storage_options))
+
+
 def check_resume(resume: Any, out_dir: Path | str, initial_checkpoint_dir: Path | str | None = None) -> None:
     """The resume target exists and is complete (a run's own newest checkpoint takes precedence, as in pretrain)."""
     if own_checkpoint(out_dir, resume) is None:
@@ -167,7 +183,9 @@ def check_pretrain(
     check_batches(train, devices, num_nodes, accelerator)
     seq_len = check_seq_len(train, config)
     check_data(data, train, seq_len)
+    check_token_range(data, config)
     for check in (
+        lambda: check_remote_tokenizers(data, tokenizer_dir),
         lambda: check_resume(resume, out_dir, initial_checkpoint_dir),
         lambda: check_tokenizer_dir(tokenizer_dir),
         lambda: check_logger(logger_name),

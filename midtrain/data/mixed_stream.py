@@ -195,49 +195,14 @@ class MixedLoader(DataLoader):
         }
 
     def _load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``, written by any number of ranks, workers or micro-batch size.
-
-        The seed, the sequence length and every carried shard (tokens and chunk layout) must be
-        unchanged. When the mixture (weights or blend) differs, a new generation starts at the
-        consumed index and every source keeps its position.
-        """
-        if not isinstance(state, dict) or state.get("version") not in (2, STATE_VERSION):
-            raise MidtrainError(
-                "The checkpoint's data-loader state was written by an older midtrain (per-worker streams); "
-                "its data order cannot be continued. Start the data order fresh from a new run directory."
-            )
-        if state["version"] == 2 and any(g.get("blend") == "random" for g in state["generations"]):
-            raise MidtrainError(
-                "The checkpoint's `blend: random` order was drawn by an older midtrain whose random order this "
-                "version no longer reproduces; resume it with that version or start a new run directory."
-            )
-        order, stream = self.stream.order, self.stream
-        if int(state["seed"]) != order.seed:
-            raise MidtrainError(
-                f"data.seed changed: the checkpoint's data order used seed {state['seed']}, this run {order.seed}. "
-                "Keep data.seed to continue the same order."
-            )
-        if int(state["block_size"]) != stream.block_size:
-            raise MidtrainError(
-                f"The sequence length changed: the checkpoint read samples of {int(state['block_size']) - 1} tokens, "
-                f"this run {stream.block_size - 1}. Keep max_seq_length."
-            )
-        for sid, old in state["shards"].items():
-            new = self.shards_seen.get(sid)
-            if new is not None and new != old:
-                raise MidtrainError(
-                    f"Shard {sid} changed since the checkpoint (tokens {old['tokens']} -> {new['tokens']}, chunk "
-                    f"layout {old['fingerprint']} -> {new['fingerprint']}); its positions would be "
-                    "meaningless. Restore the shard or give the new data another shard name."
-                )
-        consumed = int(state["consumed"])
-        current = order.generations[-1]
-        generations = [Generation.from_json(g) for g in state["generations"]]
-        restored = DataOrder(order.seed, order.samples_per_chunk, generations)
-        last = restored.generations[-1]
-        if last.weights != current.weights or last.blend != current.blend:
-            restored.add_generation(consumed, current.weights, current.blend, reason=current.reason or "resume")
-        into = state.get("into_step")
+        """Continue from ``state``, written by any number of ranks, workers or micro-batch size (see
+        :func:`resume_order`; the mixture in force is this loader's newest generation)."""
+        stream = self.stream
+        current = stream.order.generations[-1]
+        restored, consumed, into = resume_order(
+            state, stream.order, stream.block_size, self.shards_seen, current.weights, current.blend,
+            current.reason or "resume",
+        )  # fmt: skip
         served = 0
         if into:
             if list(into[1:]) != [stream.ranks.global_batch, stream.ranks.world, stream.ranks.micro_batch]:
@@ -249,3 +214,59 @@ class MixedLoader(DataLoader):
         restored.blend(len(restored.generations) - 1)  # computed once here; workers get it with the stream
         stream.order, stream.start, self.served = restored, consumed, served
         self.shards_seen = {**state["shards"], **self.shards_seen}
+
+
+def resume_order(
+    state: dict[str, Any], current: DataOrder, block_size: int, shards_seen: dict[str, dict],
+    weights: dict[str, float], blend: str, reason: str = "resume",
+) -> tuple[DataOrder, int, list | None]:
+    """The order a loader state continues with the mixture ``weights``/``blend``: the saved generations, plus
+    a new one at the consumed index when the mixture differs (:meth:`DataOrder.continue_with`). Returns the
+    order, the consumed global index and the state's ``into_step`` (micro-batches of an unfinished step).
+
+    The seed, the sequence length and every carried shard (tokens and chunk layout; ``shards_seen``: this
+    run's) must be unchanged; a checkpoint written inside an optimizer step cannot change the mixture (the
+    ranks' served micro-batches are no prefix of the step, so a new generation would repeat some samples
+    and skip others). The one restore of training and of ``midtrain inspect``.
+    """
+    if not isinstance(state, dict) or state.get("version") not in (2, STATE_VERSION):
+        raise MidtrainError(
+            "The checkpoint's data-loader state was written by an older midtrain (per-worker streams); "
+            "its data order cannot be continued. Start the data order fresh from a new run directory."
+        )
+    if state["version"] == 2 and any(g.get("blend") == "random" for g in state["generations"]):
+        raise MidtrainError(
+            "The checkpoint's `blend: random` order was drawn by an older midtrain whose random order this "
+            "version no longer reproduces; resume it with that version or start a new run directory."
+        )
+    if int(state["seed"]) != current.seed:
+        raise MidtrainError(
+            f"data.seed changed: the checkpoint's data order used seed {state['seed']}, this run {current.seed}. "
+            "Keep data.seed to continue the same order."
+        )
+    if int(state["block_size"]) != block_size:
+        raise MidtrainError(
+            f"The sequence length changed: the checkpoint read samples of {int(state['block_size']) - 1} tokens, "
+            f"this run {block_size - 1}. Keep max_seq_length."
+        )
+    for sid, old in state["shards"].items():
+        new = shards_seen.get(sid)
+        if new is not None and new != old:
+            raise MidtrainError(
+                f"Shard {sid} changed since the checkpoint (tokens {old['tokens']} -> {new['tokens']}, chunk "
+                f"layout {old['fingerprint']} -> {new['fingerprint']}); its positions would be "
+                "meaningless. Restore the shard or give the new data another shard name."
+            )
+    consumed = int(state["consumed"])
+    into = state.get("into_step")
+    generations = [Generation.from_json(g) for g in state["generations"]]
+    restored = DataOrder(current.seed, current.samples_per_chunk, generations)
+    last = restored.generations[-1]
+    if into and (last.weights != dict(weights) or last.blend != blend):
+        raise MidtrainError(
+            f"The checkpoint was written after {into[0]} micro-batch(es) of an unfinished optimizer step, and this "
+            f"run changes the mixture there ({last.weights} -> {dict(weights)}). Resume with the checkpoint's "
+            "mixture, or from a checkpoint at a step boundary, and change the mixture there."
+        )
+    restored.continue_with(consumed, weights, blend, reason)
+    return restored, consumed, into

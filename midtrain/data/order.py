@@ -340,6 +340,17 @@ class DataOrder:
         k = self.k_at(start) if self.generations else {}
         self._append(Generation(int(start), dict(weights), blend, k, reason))
 
+    def continue_with(self, start: int, weights: dict[str, float], blend: str = "exact", reason: str = "") -> bool:
+        """The mixture in force from index ``start`` on: a new generation only when it differs from the newest
+        (weights or blend), so an unchanged stage or resume continues the same interleave. True if one was added.
+        The one rule of training (resumes, stage switches) and of ``midtrain inspect``."""
+        if self.generations:
+            last = self.generations[-1]
+            if last.weights == dict(weights) and last.blend == blend:
+                return False
+        self.add_generation(start, weights, blend, reason)
+        return True
+
     def blend(self, i: int) -> ExactBlend | RandomBlend:
         if i not in self._blends:
             gen = self.generations[i]
@@ -415,3 +426,21 @@ class RankSlice:
         step, m = np.divmod(np.asarray(j, dtype=np.int64), self.micro_batches_per_step)
         first = start + step * self.global_batch + self.rank * (self.global_batch // self.world) + m * self.micro_batch
         return first[..., None] + np.arange(self.micro_batch, dtype=np.int64)
+
+
+@dataclass
+class RunOrder:
+    """A run's data order from optimizer step ``step`` on, whose first sample is global index ``index``: a fresh
+    run has ``index = step * global_batch``; a resume continues at the checkpoint's consumed index whatever the
+    global batch was before. Later steps advance by ``global_batch`` each."""
+
+    order: DataOrder
+    step: int
+    index: int
+    global_batch: int
+
+    def index_of(self, step: int) -> int:
+        """Global index of the first sample of (0-based) optimizer step ``step``."""
+        if step < self.step:
+            raise MidtrainError(f"Step {step + 1} was trained before step {self.step + 1}, where this order begins.")
+        return self.index + (step - self.step) * self.global_batch

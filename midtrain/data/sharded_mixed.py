@@ -19,9 +19,9 @@ from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from midtrain.data.mixed_stream import MixedLoader, MixedStream, Source
+from midtrain.data.mixed_stream import MixedLoader, MixedStream, Source, resume_order
 from midtrain.data.mixture import MODE_FIELDS, Mixture, MixtureSpec, resolve_mixture
-from midtrain.data.order import BLENDS, DataOrder, Generation, RankSlice, layout_fingerprint
+from midtrain.data.order import BLENDS, DataOrder, Generation, RankSlice, RunOrder, layout_fingerprint
 from midtrain.data.shards import Shard, discover_shards, load_shard
 from midtrain.errors import MidtrainError
 from midtrain.storage import is_remote, open_dataset
@@ -150,20 +150,44 @@ class ShardedMixedDataset(DataModule):
         """Samples per chunk of every shard at the connected block size."""
         return {s.id: tuple(d // self.block_size for d in s.chunk_dims) for s in self.shards}
 
-    def order(self) -> DataOrder:
-        """The data order of a fresh run: one generation per stage, each starting at its step's first global
-        index (needs ``connect`` with ``global_batch_size``)."""
+    def order(self, step: int = 0, state: dict | None = None, later_stages: bool = True) -> RunOrder:
+        """The data order of a run from optimizer step ``step`` (0-based): fresh, or continuing a checkpoint's
+        loader ``state``; the stage in force at ``step`` and (``later_stages``) every later stage, each a new
+        generation only where its mixture differs. The one builder of the order for training (each loader and
+        stage switch) and for ``midtrain inspect`` (needs ``connect`` with ``global_batch_size``)."""
         self._require_connected()
-        order = DataOrder(self.seed, self._layouts(), [])
-        for i, stage in enumerate(self.stage_list):
-            start = stage.at_step * (self.global_batch_size or 0)
-            order.add_generation(start, stage.mixture.weights_by_id(), self.blend,
-                                 reason="start" if i == 0 else f"stage {i}")
-        return order
+        batch = self._global_batch()
+        index, stage = self.stage_at(step)
+        weights, reason = stage.mixture.weights_by_id(), f"stage {index}"
+        fresh = DataOrder(self.seed, self._layouts(), [Generation(step * batch, weights, self.blend, {}, reason)])
+        if state is None:
+            run = RunOrder(fresh, step, step * batch, batch)
+        else:
+            order, consumed, _ = resume_order(state, fresh, self.block_size, self._shards_seen(stage), weights,
+                                              self.blend, reason)  # fmt: skip
+            run = RunOrder(order, step, consumed, batch)
+        for i, later in enumerate(self.stage_list[index + 1 :] if later_stages else [], start=index + 1):
+            run.order.continue_with(run.index_of(later.at_step), later.mixture.weights_by_id(), self.blend,
+                                    f"stage {i}")  # fmt: skip
+        return run
 
-    def train_dataloader(self, step: int = 0) -> MixedLoader:
-        """This rank's loader for a run starting fresh at ``step`` (a resume restores its state with
-        ``load_state_dict``): the mixture in force at ``step``, from global index ``step * global_batch_size``."""
+    def _global_batch(self) -> int:
+        """Sequences per optimizer step over all ranks (the stock loop gives none: ranks x micro-batch)."""
+        return self.global_batch_size or _world_and_rank()[0] * self.batch_size
+
+    def _sources(self, stage: Stage) -> list[Source]:
+        return [
+            Source(id=r.shard.id, type=r.shard.type, path=str(r.shard.path), tokens=r.shard.tokens,
+                   fingerprint=layout_fingerprint(r.shard.chunk_dims), dtype_code=r.shard.dtype_code)
+            for r in stage.mixture.active
+        ]
+
+    def _shards_seen(self, stage: Stage) -> dict[str, dict]:
+        return {s.id: {"tokens": s.tokens, "fingerprint": s.fingerprint} for s in self._sources(stage)}
+
+    def train_dataloader(self, step: int = 0, state: dict | None = None) -> MixedLoader:
+        """This rank's loader from optimizer step ``step``: fresh, or continuing the loader ``state`` of a
+        checkpoint or of the loader of the stage before (the order: :meth:`order`, up to the stage at ``step``)."""
         self._require_connected()
         if not self.with_source and len(self.stage_list) > 1:
             raise MidtrainError(
@@ -171,19 +195,16 @@ class ShardedMixedDataset(DataModule):
                 "(it builds its loader once). Run `midtrain pretrain` with this config."
             )
         world, rank = _world_and_rank()
-        ranks = RankSlice(self.global_batch_size or world * self.batch_size, world, rank, self.batch_size)
-        index, stage = self.stage_at(step)
-        weights = stage.mixture.weights_by_id()
-        start = step * ranks.global_batch
-        order = DataOrder(self.seed, self._layouts(), [Generation(start, weights, self.blend, {}, f"stage {index}")])
-        sources = [
-            Source(id=r.shard.id, type=r.shard.type, path=str(r.shard.path), tokens=r.shard.tokens,
-                   fingerprint=layout_fingerprint(r.shard.chunk_dims), dtype_code=r.shard.dtype_code)
-            for r in stage.mixture.active
-        ]
-        order.blend(0)  # computed once here; workers get it with the stream
-        stream = MixedStream(order, sources, self.block_size, ranks, start=start, storage_options=self.storage_options)
-        return MixedLoader(stream, num_workers=self.num_workers, plain=not self.with_source)
+        ranks = RankSlice(self._global_batch(), world, rank, self.batch_size)
+        run = self.order(step, None, later_stages=False)
+        stream = MixedStream(run.order, self._sources(self.stage_at(step)[1]), self.block_size, ranks,
+                             start=run.index, storage_options=self.storage_options)  # fmt: skip
+        loader = MixedLoader(stream, num_workers=self.num_workers, plain=not self.with_source)
+        if state is not None:
+            loader.load_state_dict(state)  # resume_order, as in order(); checks a mid-step state's batch split
+        else:
+            run.order.blend(0)  # computed once here; workers get it with the stream
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         """The first validation set as plain token batches (what the stock ``litgpt pretrain`` loop expects)."""

@@ -48,11 +48,11 @@ from midtrain.prepare.manifests import (
     MANIFEST_NAME,
     VAL_DIR,
     check_tokenizer,
-    choose_shard_name,
     find_prepared,
     input_records,
     leftover_temp_dirs,
     read_manifests,
+    reserve_shard_name,
 )
 from midtrain.prepare.writing import ShardStats, read_shard_tokens, summary, tokenize_to_shard
 
@@ -148,27 +148,27 @@ def prepare(
     if existing is not None:
         print(f"midtrain prepare: these inputs are already prepared in shard {existing} ({MANIFEST_NAME}); skipping.")
         return existing
-    name = choose_shard_name(data_path, type, table, shard)
-    for leftover in leftover_temp_dirs(data_path):
-        print(
-            f"midtrain prepare: warning: {leftover} is left over from an interrupted run; it is ignored and "
-            "safe to delete."
+    with reserve_shard_name(data_path, type, table, shard) as name:
+        for leftover in leftover_temp_dirs(data_path):
+            print(
+                f"midtrain prepare: warning: {leftover} is left over from an interrupted run (or belongs to a "
+                "prepare running now); it is ignored."
+            )
+        manifest = {**settings, "shard": name, "inputs": records}
+        stats = ShardStats()
+        want_val = val_tokens is not None or val_fraction is not None
+        tokenize_to_shard(
+            iter_documents(sources, text_key, skip_bad, stats.read),
+            data_path / name,
+            spec,
+            manifest,
+            val_path=data_path / VAL_DIR / name if want_val else None,
+            val_tokens=val_tokens,
+            val_fraction=val_fraction,
+            num_workers=default_num_workers() if num_workers is None else num_workers,
+            chunk_tokens=chunk_tokens,
+            stats=stats,
+            desc=f"prepare {type}/{name}",
         )
-    manifest = {**settings, "shard": name, "inputs": records}
-    stats = ShardStats()
-    want_val = val_tokens is not None or val_fraction is not None
-    tokenize_to_shard(
-        iter_documents(sources, text_key, skip_bad, stats.read),
-        data_path / name,
-        spec,
-        manifest,
-        val_path=data_path / VAL_DIR / name if want_val else None,
-        val_tokens=val_tokens,
-        val_fraction=val_fraction,
-        num_workers=default_num_workers() if num_workers is None else num_workers,
-        chunk_tokens=chunk_tokens,
-        stats=stats,
-        desc=f"prepare {type}/{name}",
-    )
     print(summary(data_path / name, type, stats))
     return data_path / name

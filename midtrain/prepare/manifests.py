@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +107,50 @@ def find_prepared(manifests: dict[Path, dict], records: list[dict], settings: di
     return None
 
 
+RESERVED_SUFFIX = ".reserved"
+"""``<data_path>/.<shard>.reserved``: a shard name taken by a running ``prepare`` (created with O_EXCL)."""
+
+
 def _used_names(data_path: Path) -> set[str]:
+    """Shard names taken: existing shards (and validation shards) and the reservations of running prepares."""
     names = set()
     for root in (data_path, data_path / VAL_DIR):
         if root.is_dir():
-            names.update(p.name for p in root.iterdir() if not p.name.startswith("."))
+            for p in root.iterdir():
+                if not p.name.startswith("."):
+                    names.add(p.name)
+                elif root == data_path and p.name.endswith(RESERVED_SUFFIX):
+                    names.add(p.name[1 : -len(RESERVED_SUFFIX)])
     return names
+
+
+@contextmanager
+def reserve_shard_name(data_path: Path, type: str, table: dict[str, str], shard: str | None) -> Iterator[str]:
+    """Take the shard name :func:`choose_shard_name` gives, atomically: concurrent prepares into one ``data_path``
+    (a SLURM array over a corpus's parts) each get their own name. The reservation is a hidden file created with
+    ``O_CREAT | O_EXCL`` (atomic on local and NFS v3+ file systems); it is released after the shard is published
+    (or on failure), and a name whose shard appeared meanwhile is given back and the next one taken."""
+    while True:
+        name = choose_shard_name(data_path, type, table, shard)
+        marker = data_path / f".{name}{RESERVED_SUFFIX}"
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if shard is not None:
+                raise MidtrainError(f"Shard name {shard!r} is being written by another prepare ({marker}).") from None
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+        if (data_path / name).exists() or (data_path / VAL_DIR / name).exists():  # published before our listing
+            marker.unlink()
+            if shard is not None:
+                raise MidtrainError(f"Shard {data_path / shard} already exists.")
+            continue
+        try:
+            yield name
+        finally:
+            marker.unlink(missing_ok=True)
+        return
 
 
 def choose_shard_name(data_path: Path, type: str, table: dict[str, str], shard: str | None) -> str:

@@ -31,6 +31,8 @@ class ShardStats:
     val_documents: int = 0
     val_tokens: int = 0
     eos_dropped: int = 0
+    max_token_id: int = -1
+    """The largest token id written (training and validation), recorded for the vocabulary preflight."""
     seconds: float = 0.0
     read: ReadStats = field(default_factory=ReadStats)
 
@@ -112,6 +114,8 @@ def tokenize_to_shard(
 
 def _write_batch(batch: EncodedBatch, mask: np.ndarray | None, train: Any, val: Any | None, stats: ShardStats) -> None:
     stats.eos_dropped += batch.eos_dropped
+    if batch.tokens.size:
+        stats.max_token_id = max(stats.max_token_id, int(batch.tokens.max()))
     if mask is None or not mask.any():
         train.add(batch.tokens)
         stats.documents += len(batch.lengths)
@@ -149,6 +153,7 @@ def _publish(train: Any, val: Any | None, stats: ShardStats, manifest: dict, spe
         "skipped_bad_records": stats.read.bad_records,
         "skipped_empty_documents": stats.read.empty_documents,
         "eos_dropped_documents": stats.eos_dropped,
+        "max_token_id": stats.max_token_id,
     }
     train_manifest = {"split": "train", **common, "documents": stats.documents, "tokens": stats.tokens}
     if val is not None:

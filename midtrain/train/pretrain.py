@@ -140,9 +140,8 @@ class PretrainSteps:
             self.tokens_by_source = {k: int(v) for k, v in saved["tokens_by_source"].items()}
             self.history = list(saved.get("mixture_history", []))
         self.stage_index, self.stage = data.stage_at(step)
-        self.loader = data.train_dataloader(step)
+        self.loader = data.train_dataloader(step, saved["loader"] if saved is not None else None)  # same on all ranks
         if saved is not None:
-            self.loader.load_state_dict(saved["loader"])  # the same on every rank
             if saved["mixture"]["weights"] != self.stage.mixture.weights_by_id():
                 why = f"resume from {start.checkpoint}"
                 self.history.append(_switch(step, saved["mixture"], self.stage.mixture, why))
@@ -178,9 +177,7 @@ class PretrainSteps:
     def micro_batches(self, step: int) -> list[dict]:
         new_index, new_stage = self.data.stage_at(step)
         if new_index != self.stage_index:  # a stage switch: same semantics as resuming with a new mixture
-            state = self.loader.state_dict()
-            self.loader = self.data.train_dataloader(step)
-            self.loader.load_state_dict(state)
+            self.loader = self.data.train_dataloader(step, self.loader.state_dict())
             old = self.stage.mixture
             self.history.append(
                 _switch(step, {"weights": old.weights_by_id(), "description": old.description}, new_stage.mixture,
