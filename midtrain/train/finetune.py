@@ -33,12 +33,14 @@ from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
 
+from midtrain.config.checks import check_compatible
 from midtrain.config.commands import FinetuneConfig
 from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.replay import Replay
 from midtrain.data.sft import IGNORE_INDEX, SFTOrder, StepBatches, scored_fraction, sft_val_loader, step_micro_batches
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.errors import MidtrainError
+from midtrain.tokenizer_fingerprint import tokenizer_fingerprint
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import (
@@ -127,7 +129,18 @@ def main(fabric: L.Fabric, cfg: FinetuneConfig) -> None:
         fabric, cfg.tokenizer_dir, [path for _, path in cfg.shard_val_sets()] + _replay_shards(cfg.replay_data),
         cfg.base if start.checkpoint is None else None,
     )  # fmt: skip
-    if not begin_run(fabric, start, end_step):
+
+    def check_resume() -> None:  # before begin_run writes anything
+        if start.checkpoint is not None:
+            if start.saved["sft"]["train_samples"] != len(sft.train_set):
+                raise MidtrainError(
+                    f"The SFT training split had {start.saved['sft']['train_samples']} samples at {start.checkpoint} "
+                    f"and has {len(sft.train_set)} now; the saved data position would mean something else."
+                )
+            fingerprint = tokenizer_fingerprint(cfg.tokenizer_dir)
+            check_compatible(start.saved, cfg.model, cfg.seq_len, fingerprint, start.checkpoint)
+
+    if not begin_run(fabric, start, end_step, check_resume):
         return
 
     # model and optimizer (fresh; weights from the base checkpoint unless resuming)
@@ -140,11 +153,6 @@ def main(fabric: L.Fabric, cfg: FinetuneConfig) -> None:
         train.keep_last_checkpoints, sft.val_loaders,
     )  # fmt: skip
     if start.checkpoint is not None:
-        if start.saved["sft"]["train_samples"] != len(sft.train_set):
-            raise MidtrainError(
-                f"The SFT training split had {start.saved['sft']['train_samples']} samples at {start.checkpoint} and "
-                f"has {len(sft.train_set)} now; the saved data position would mean something else."
-            )
         run.restore()
     else:
         load_initial_weights(fabric, model, cfg.base)
