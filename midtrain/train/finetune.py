@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,7 +222,7 @@ class FinetuneSteps:
             sft.train_set,
             batch_sampler=StepBatches(SFTOrder(n_train, cfg.seed), self.consumed, n_sft, fabric.global_rank,
                                       fabric.world_size),
-            num_workers=getattr(cfg.data, "num_workers", 0),
+            num_workers=min(getattr(cfg.data, "num_workers", 0), len(os.sched_getaffinity(0))),  # never over the cores
             collate_fn=list,
         )  # fmt: skip
         fabric.print(
