@@ -212,7 +212,7 @@ def collect_points(
     groups: dict[tuple[str, float], list[tuple[float, float]]] = defaultdict(list)
     for line, row in enumerate(rows, start=2):
         method = row.get(method_col, "baseline")
-        order = _number(row, step_col, line) if step_col in row else float(line)
+        order = _number(row, step_col, line) if row.get(step_col) not in (None, "") else float(line)  # final/: ""
         groups[(method, _number(row, x_col, line))].append((order, _number(row, loss_col, line)))
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for (method, x), values in groups.items():
