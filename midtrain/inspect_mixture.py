@@ -157,6 +157,6 @@ def inspect(data: ShardedMixedDataset | None = None, train: TrainArgs | None = N
             print(f"{r.position:>8} {r.rank:>5} {r.source:<12} {r.epoch:>6} {r.index:>10}")
         print(f"epochs read by the end of step {step}: "
               + ", ".join(f"{sid} {e:.3f}" for sid, e in epochs_by_step(data, step).items()))
-    if refused:  # the plan above is still useful (e.g. before the branch checkpoint exists); the run is not
-        raise MidtrainError("`midtrain pretrain` would refuse this config: " + " | ".join(refused))
+    for problem in refused:  # e.g. before the branch checkpoint exists: the plan is still worth reading
+        print(f"WARNING: {problem} (`midtrain pretrain` stops here.)")
     return rows

@@ -101,7 +101,7 @@ def test_evaluate_keeps_scored_rows_and_names_the_sequence_length(demo, capsys):
     assert [r["set"] for r in csv.DictReader(out.open())] == ["main", "code_sft"]
 
 
-def test_inspect_refuses_what_pretrain_refuses(demo, capsys, tmp_path):
+def test_inspect_reports_what_pretrain_refuses(demo, capsys, tmp_path):
     other = train_bpe_tokenizer(["some other text entirely"] * 50, tmp_path / "tok", vocab_size=300)
     for extra, expected in (
         ({"resume": "out/nowhere/step-00000010", "out_dir": "out/fresh"}, "nowhere"),
@@ -110,8 +110,8 @@ def test_inspect_refuses_what_pretrain_refuses(demo, capsys, tmp_path):
         cfg = tmp_path / "x.yaml"
         cfg.write_text(yaml.safe_dump(run_yaml(demo, **extra)))
         code, out, err = in_dir(demo, capsys, "inspect", "--config", str(cfg))
-        assert code == 2 and "would refuse" in err and expected in err, err
-        assert "stage 0 from step 0" in out  # the plan is still printed
+        assert code == 0 and "stage 0 from step 0" in out, err  # the plan, then what pretrain refuses
+        assert "WARNING: " in out and expected in out and "`midtrain pretrain` stops here" in out, out
         code, _, err = in_dir(demo, capsys, "pretrain", "--config", str(cfg))
         assert code == 2 and expected in err, err
 

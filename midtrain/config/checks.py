@@ -222,8 +222,8 @@ def check_pretrain(
 
     ``dry_run`` (``midtrain inspect``): what depends on the machine rather than the config (the resume or
     initial checkpoint, the tokenizer against shards and weights, the logger's package) is appended to
-    ``deferred`` instead of raised, so ``inspect`` prints the plan first and then refuses with these errors,
-    exactly what ``pretrain`` would refuse.
+    ``deferred`` instead of raised: ``inspect`` prints the plan, then each as a warning, so a midtraining
+    config can be inspected before its pretraining run reached the branch step.
     """
     deferred = [] if deferred is None else deferred
     config = resolve_model(model_name, model_config)

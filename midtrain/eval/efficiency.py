@@ -162,11 +162,8 @@ def join_run_summaries(rows: list[dict[str, str]], x_col: str, method_col: str) 
     for row in rows:
         path = Path(row["checkpoint"])
         summary_file = next((d / "summary.json" for d in (path.parent, path) if (d / "summary.json").is_file()), None)
-        if summary_file is None:
-            raise MidtrainError(
-                f"{row['checkpoint']}: no summary.json in its run directory to read {x_col!r} from; add the "
-                f"{x_col!r} and {method_col!r} columns to the CSV, or evaluate finished runs."
-            )
+        if summary_file is None:  # not a run of ours: the CSV must carry the columns (collect_points says so)
+            return rows
         summary = json.loads(summary_file.read_text())
         x = summary.get(x_col, (summary.get("tokens") or {}).get("sft_tokens") if x_col == "target_tokens" else None)
         if x is None:
