@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import re
 import sys
 import warnings
@@ -34,7 +35,8 @@ from midtrain.rundir import parse_yaml
 # command -> (signature function, what it does). Imported lazily so `midtrain --help` is fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("midtrain.prepare:prepare", "Tokenise raw corpora into a typed token shard."),
-    "inspect": ("midtrain.train.pretrain:setup", "Dry run: print the resolved mixture table of a pretrain config."),
+    "inspect": ("midtrain.train.pretrain:setup", "Dry run: the resolved mixture table of a pretrain config, a warning "
+                "per shard read more than data.repeat_warning (4) times; refuses what pretrain refuses."),
     "migrate": ("midtrain.migrate:migrate_file", "Rewrite a config of the research fork as a midtrain config."),
     "pretrain": ("midtrain.train.pretrain:setup", "Pretrain / midtrain on a mixture of token shards."),
     "finetune": ("midtrain.train.finetune:setup", "Full fine-tuning with optional replay of pretraining shards."),
@@ -182,8 +184,29 @@ def _prepare_args(command: str, fn: Callable, args: list[str]) -> list[str]:
             ] + rest
             for note in notes:
                 print(f"note: litgpt's {note}")
+        _check_mode_switch(view, [k for k, _ in overrides])
     check_section("", view, fn)
     return args
+
+
+def _check_mode_switch(view: dict, overridden: list[str]) -> None:
+    """A mixture mode set on the command line next to another from the config: say how to null the other."""
+    from midtrain.data.mixture import MODE_FIELDS
+
+    data = view.get("data")
+    if not isinstance(data, dict):
+        return
+    nested = isinstance(data.get("init_args"), dict)
+    prefix, fields = ("data.init_args", data["init_args"]) if nested else ("data", data)
+    given = [m for m in MODE_FIELDS if fields.get(m) not in (None, "", {}, False)]
+    new = [m for m in given if f"{prefix}.{m}" in overridden]
+    if len(given) > 1 and new:
+        others = [m for m in given if m not in new]
+        nulls = " ".join(f"--{prefix}.{m} {'false' if m == 'proportional_sampling' else 'null'}" for m in others)
+        raise MidtrainError(
+            f"--{prefix}.{new[0]} switches the mixture mode, but the config also sets {', '.join(others)}; a mixture "
+            f"has exactly one mode: add {nulls}."
+        )
 
 
 # ---- building the objects ------------------------------------------------------------------------
@@ -243,10 +266,14 @@ def run(command: str, args: list[str]) -> Any:
 
         args, step = split_step_option(args)
     parser = _parser(fn, f"midtrain {command}")
+    if command == "inspect":
+        parser.description = COMMANDS["inspect"][1]
+        parser.add_argument("--step", type=int | None, default=None, help="Also print the samples optimizer step N "
+                            "trains on (rank, source, epoch, index) and the epochs per source read by then.")
     args = _prepare_args(command, fn, _repeatable_lists(fn, args))
     cfg = parser.parse_args(args)
     init = _instantiate(parser, cfg)
-    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
+    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "step")}
     if command == "inspect":
         from midtrain.inspect_mixture import inspect
 
@@ -264,14 +291,17 @@ def _migrate(args: list[str]) -> list[str]:
         prog="midtrain migrate", exit_on_error=False,
         description="Rewrite a config of the research fork as a midtrain config, printing each change.",
     )
-    parser.add_argument("fork_config", type=str, help="The fork's YAML config.")
+    parser.add_argument("fork_config", type=str | None, nargs="?", help="The fork's YAML config.")
+    parser.add_argument("--config", type=str | None, help="The fork's YAML config (instead of the positional).")
     parser.add_argument("-o", "--output", type=str, help="Where to write the midtrain config (default: stdout).")
     parser.add_argument("--pretrain_dir", type=str, help="The pretraining run holding the branch checkpoint "
                         "(default: the fork config's out_dir).")
     parser.add_argument("--out_dir", type=str, help="out_dir of the migrated run.")
     parser.add_argument("--max_steps", type=int, default=FORK_HORIZON, help="The run's length (LR horizon).")
     ns = parser.parse_args(args)
-    return migrate_file(Path(ns.fork_config), ns.output, ns.pretrain_dir, ns.out_dir, ns.max_steps)
+    if (ns.fork_config is None) == (ns.config is None):
+        raise MidtrainError("Give the fork's config once: `midtrain migrate FORK.yaml -o X.yaml` (or --config X).")
+    return migrate_file(Path(ns.fork_config or ns.config), ns.output, ns.pretrain_dir, ns.out_dir, ns.max_steps)
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -316,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     set_docstring_parse_options(attribute_docstrings=True)
     warnings.filterwarnings("ignore", message=r".*The epoch parameter in `scheduler.step\(\)`.*")
+    if "SLURM_JOB_ID" not in os.environ:  # Lightning's hint to use srun means nothing outside a SLURM job
+        warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system but is not used.*")
     torch.set_float32_matmul_precision("high")
     command = argv[0]
     try:

@@ -204,11 +204,13 @@ def inspect(data: ShardedMixedDataset | None = None, train: TrainArgs | None = N
     if data is None:
         raise MidtrainError("The config has no `data:` section to inspect.")
     train = train or TrainArgs()
+    refused: list[str] = []
     config = check_pretrain(
         model_name=model_name, model_config=model_config, data=data, train=train, eval=_.get("eval") or EvalArgs(),
         devices=devices, num_nodes=num_nodes, accelerator=_.get("accelerator", "auto"), resume=resume,
         out_dir=out_dir or "out/pretrain", initial_checkpoint_dir=_.get("initial_checkpoint_dir"),
         tokenizer_dir=_.get("tokenizer_dir"), logger_name=_.get("logger_name", "csv"), dry_run=True,
+        deferred=refused,
     )
     seq_len = train.max_seq_length or config.block_size
     tokens_per_step = train.global_batch_size * seq_len
@@ -243,4 +245,6 @@ def inspect(data: ShardedMixedDataset | None = None, train: TrainArgs | None = N
             print(f"{r.position:>8} {r.rank:>5} {r.source:<12} {r.epoch:>6} {r.index:>10}")
         print(f"epochs read by the end of step {step}: "
               + ", ".join(f"{sid} {e:.3f}" for sid, e in epochs_by_step(data, step, run).items()))
+    for problem in refused:  # e.g. before the branch checkpoint exists: the plan is still worth reading
+        print(f"WARNING: {problem} (`midtrain pretrain` stops here.)")
     return rows

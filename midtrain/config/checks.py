@@ -3,12 +3,15 @@
 ``midtrain inspect`` and ``midtrain pretrain`` call :func:`check_pretrain` (``finetune`` calls
 :func:`check_finetune`), so the dry run refuses exactly what the real run would refuse: the model
 name, batch arithmetic against devices x nodes x micro-batch, the sequence length against the
-model and the shards, stages against ``max_steps``, the resume and initial checkpoints, options
-that do not apply to the chosen mixture mode, and the logger's package.
+model and the shards, stages against ``max_steps``, the resume and initial checkpoints (present, and
+fitting the model, sequence length and tokenizer), the tokenizer the shards were prepared with, options
+that do not apply to the chosen mixture mode, and the logger's package. (The resumed data order, e.g.
+``data.seed``, is checked by ``pretrain`` before it writes anything: it needs the run's processes.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 from pathlib import Path
@@ -22,9 +25,9 @@ from midtrain.data.mixture import MixtureSpec, load_mix_config
 from midtrain.data.shards import load_shard
 from midtrain.data.token_range import check_token_ids, read_manifest
 from midtrain.errors import MidtrainError
-from midtrain.rundir import check_shard_tokenizers
+from midtrain.rundir import TRAIN_STATE_FILE, check_recorded_tokenizer, check_shard_tokenizers, tokenizer_fingerprint
 from midtrain.storage import is_remote
-from midtrain.train.checkpoints import own_checkpoint, resolve_resume
+from midtrain.train.checkpoints import own_checkpoint, read_train_state, resolve_resume
 
 LOGGER_PACKAGES = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),
@@ -140,14 +143,72 @@ def check_remote_tokenizers(data: Any, tokenizer_dir: Path | str | None) -> None
         check_shard_tokenizers(tokenizer_dir, remote, read=lambda p: read_manifest(p, data.storage_options))
 
 
-def check_resume(resume: Any, out_dir: Path | str, initial_checkpoint_dir: Path | str | None = None) -> None:
-    """The resume target exists and is complete (a run's own newest checkpoint takes precedence, as in pretrain)."""
-    if own_checkpoint(out_dir, resume) is None:
-        resolve_resume(resume, out_dir)
+def check_resume(resume: Any, out_dir: Path | str, initial_checkpoint_dir: Path | str | None = None) -> Path | None:
+    """The checkpoint a run starts from (a run's own newest takes precedence, as in pretrain), or None; an
+    error when the resume target or ``initial_checkpoint_dir`` does not exist or is incomplete."""
+    checkpoint = own_checkpoint(out_dir, resume)
+    if checkpoint is None:
+        checkpoint = resolve_resume(resume, out_dir)
     if initial_checkpoint_dir is not None:
         path = Path(initial_checkpoint_dir).expanduser()
         if not (path / "lit_model.pth").is_file():
             raise MidtrainError(f"initial_checkpoint_dir {path} has no lit_model.pth.")
+    return checkpoint
+
+
+def check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str | None, path: Path) -> None:
+    """Refuse to resume a checkpoint written for another model, sequence length or tokenizer."""
+    old = saved.get("model_config") or {}
+    new = dataclasses.asdict(config)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "name")
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise MidtrainError(f"Checkpoint {path} was trained with a different model ({details}); cannot resume it.")
+    if int(saved.get("max_seq_length", seq_len)) != seq_len:
+        raise MidtrainError(
+            f"Checkpoint {path} used max_seq_length {saved['max_seq_length']}, this run {seq_len}; keep it equal."
+        )
+    old_fp = (saved.get("tokenizer") or {}).get("fingerprint")
+    if old_fp and fingerprint and old_fp != fingerprint:
+        raise MidtrainError(
+            f"Checkpoint {path} was trained with another tokenizer (fingerprint {old_fp[:12]} vs "
+            f"{fingerprint[:12]}); token IDs would not mean the same thing."
+        )
+
+
+def check_tokenizers(
+    tokenizer_dir: Path | str | None, shard_dirs: list[Path], weights_dir: Path | str | None = None
+) -> str | None:
+    """Refuse shards (their ``prepare.json``) and starting weights (one of our checkpoints) made with another
+    tokenizer than ``tokenizer_dir``; returns a note on what could not be checked, or None."""
+    if tokenizer_dir is None:
+        return "note: no tokenizer_dir, so the tokenizer the shards were prepared with is not checked."
+    note = check_shard_tokenizers(tokenizer_dir, shard_dirs)
+    state = Path(weights_dir) / TRAIN_STATE_FILE if weights_dir is not None else None
+    recorded = (read_train_state(Path(weights_dir)).get("tokenizer") or {}) if state and state.is_file() else {}
+    check_recorded_tokenizer(
+        recorded, tokenizer_fingerprint(tokenizer_dir), tokenizer_dir, f"{weights_dir} was trained",
+        "token IDs would not mean the same thing. Use the tokenizer the weights were trained with.",
+    )
+    return note
+
+
+def check_start(
+    config: Config, seq_len: int, data: Any, resume: Any, out_dir: Path | str,
+    initial_checkpoint_dir: Path | str | None, tokenizer_dir: Path | str | None,
+) -> None:
+    """Where the run starts: the resume target exists, fits the model, sequence length and tokenizer; shards and
+    starting weights were made with ``tokenizer_dir``."""
+    check_tokenizer_dir(tokenizer_dir)
+    checkpoint = check_resume(resume, out_dir, initial_checkpoint_dir)
+    local = [s.path for s in data.shards] + list(data.val_paths.values())
+    shard_dirs = [Path(p) for p in local if not is_remote(p)]  # remote ones: check_remote_tokenizers
+    note = check_tokenizers(tokenizer_dir, shard_dirs, checkpoint or initial_checkpoint_dir)
+    if note:
+        print(note)
+    if checkpoint is not None:
+        fingerprint = tokenizer_fingerprint(tokenizer_dir) if tokenizer_dir is not None else None
+        check_compatible(read_train_state(checkpoint), config, seq_len, fingerprint, checkpoint)
 
 
 def check_tokenizer_dir(tokenizer_dir: Path | str | None) -> None:
@@ -168,13 +229,16 @@ def check_pretrain(
     devices: int | str, num_nodes: int, accelerator: str = "auto", resume: Any = False,
     out_dir: Path | str = "out/pretrain", initial_checkpoint_dir: Path | str | None = None,
     tokenizer_dir: Path | str | None = None, logger_name: str = "csv", dry_run: bool = False,
+    deferred: list[str] | None = None,
 ) -> Config:
     """Everything ``midtrain pretrain`` checks before loading weights; returns the model's ``Config``.
 
-    ``dry_run`` (``midtrain inspect``): what depends on the machine rather than the config (a resume or
-    initial checkpoint or tokenizer that does not exist yet, the logger's package) is printed as a warning,
-    so a midtraining config can be inspected on a laptop before its pretraining run reached the branch step.
+    ``dry_run`` (``midtrain inspect``): what depends on the machine rather than the config (the resume or
+    initial checkpoint, the tokenizer against shards and weights, the logger's package) is appended to
+    ``deferred`` instead of raised: ``inspect`` prints the plan, then each as a warning, so a midtraining
+    config can be inspected before its pretraining run reached the branch step.
     """
+    deferred = [] if deferred is None else deferred
     config = resolve_model(model_name, model_config)
     if data is None:
         raise MidtrainError("data is not set; configure a ShardedMixedDataset under `data:`.")
@@ -186,8 +250,7 @@ def check_pretrain(
     check_token_range(data, config)
     for check in (
         lambda: check_remote_tokenizers(data, tokenizer_dir),
-        lambda: check_resume(resume, out_dir, initial_checkpoint_dir),
-        lambda: check_tokenizer_dir(tokenizer_dir),
+        lambda: check_start(config, seq_len, data, resume, out_dir, initial_checkpoint_dir, tokenizer_dir),
         lambda: check_logger(logger_name),
     ):
         try:
@@ -195,7 +258,7 @@ def check_pretrain(
         except MidtrainError as e:
             if not dry_run:
                 raise
-            print(f"WARNING: {e} (`midtrain pretrain` stops here.)")
+            deferred.append(str(e))
     return config
 
 

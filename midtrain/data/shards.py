@@ -186,7 +186,7 @@ def discover_shards(
     if not remote and not root.is_dir():
         hint = ""
         if root.name == "demo":
-            hint = f"; build the demo corpus first: `midtrain prepare demo --data_path {data_path}` (or `make demo`)"
+            hint = f"; build the demo corpus first: `midtrain prepare demo --data_path {data_path}`"
         raise MidtrainError(f"data_path {root} does not exist or is not a directory{hint}.")
     table = shard_type_table(shard_types)
     store = Store(root, storage_options)

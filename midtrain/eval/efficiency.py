@@ -25,7 +25,7 @@ import numpy as np
 
 from midtrain.errors import MidtrainError
 from midtrain.eval.similarity import format_table, write_results
-from midtrain.rundir import read_csv
+from midtrain.rundir import SUMMARY_FILE, read_csv, read_json
 
 B_RANGE = (1e-3, 5.0)
 REDUCTIONS = ("last", "min", "mean", "error")
@@ -149,6 +149,30 @@ def read_rows(results: Path) -> list[dict[str, str]]:
     return rows
 
 
+def join_run_summaries(rows: list[dict[str, str]], x_col: str, method_col: str) -> list[dict[str, str]]:
+    """Fill ``x_col`` and ``method_col`` of ``midtrain evaluate`` rows from each checkpoint's run ``summary.json``.
+
+    ``target_tokens`` is the SFT tokens the run trained on (``tokens.sft_tokens``; another ``x_col`` is read
+    from the summary by name); the method is ``baseline`` without replay, else ``replay_<ratio>``.
+    """
+    if not rows or "checkpoint" not in rows[0] or (x_col in rows[0] and method_col in rows[0]):
+        return rows
+    out = []
+    for row in rows:
+        path = Path(row["checkpoint"])
+        summary_file = next((d / SUMMARY_FILE for d in (path.parent, path) if (d / SUMMARY_FILE).is_file()), None)
+        if summary_file is None:  # not a run of ours: the CSV must carry the columns (collect_points says so)
+            return rows
+        summary = read_json(summary_file)
+        x = summary.get(x_col, (summary.get("tokens") or {}).get("sft_tokens") if x_col == "target_tokens" else None)
+        if x is None:
+            raise MidtrainError(f"{summary_file} records no {x_col!r}; add that column to the CSV.")
+        ratio = summary.get("replay_ratio")
+        method = summary_file.parent.name if ratio is None else "baseline" if not ratio else f"replay_{ratio:g}"
+        out.append({x_col: str(x), method_col: method, **row})
+    return out
+
+
 def _number(row: dict[str, str], col: str, line: int) -> float:
     try:
         return float(row[col])
@@ -184,7 +208,7 @@ def collect_points(
     groups: dict[tuple[str, float], list[tuple[float, float]]] = defaultdict(list)
     for line, row in enumerate(rows, start=2):
         method = row.get(method_col, "baseline")
-        order = _number(row, step_col, line) if step_col in row else float(line)
+        order = _number(row, step_col, line) if row.get(step_col) not in (None, "") else float(line)  # final/: ""
         groups[(method, _number(row, x_col, line))].append((order, _number(row, loss_col, line)))
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for (method, x), values in groups.items():
@@ -249,10 +273,10 @@ def efficiency(
     """Fit ``loss(x) = A / x^B + C`` to a baseline's runs and report every run's data-efficiency multiplier.
 
     ``results`` is a CSV with one row per (run, validation set) evaluation, e.g. the output of
-    ``midtrain evaluate`` (``checkpoint, step, tokens_seen, set, loss, ppl, n_tokens``) with two added
-    columns: ``x_col`` (how much target data the run used, e.g. SFT tokens or examples; > 0) and
-    ``method_col`` (the method name, e.g. ``baseline``, ``replay_0.5``). Rows of one method at the
-    same ``x`` are the same run's checkpoints; ``reduce`` picks one.
+    ``midtrain evaluate`` (``checkpoint, step, tokens_seen, set, loss, ppl, n_tokens``): ``x_col`` (how much
+    target data the run used; > 0) and ``method_col`` (e.g. ``baseline``, ``replay_0.5``) are its columns
+    when present, else read from each checkpoint's run ``summary.json`` (:func:`join_run_summaries`).
+    Rows of one method at the same ``x`` are the same run's checkpoints; ``reduce`` picks one.
 
     Args:
         results: CSV file of evaluation results.
@@ -272,7 +296,7 @@ def efficiency(
         ``{"baseline", "set", "fit": {A, B, C, rmse, points}, "rows": [{method, x, loss, fit_loss,
         effective_x, multiplier, note}]}``.
     """
-    rows = _filter_set(read_rows(results), set_col, set_name)
+    rows = _filter_set(join_run_summaries(read_rows(results), x_col, method_col), set_col, set_name)
     points = collect_points(rows, x_col, loss_col, method_col, step_col, reduce)
     base = _pick_baseline(list(points), baseline)
     xs, losses = zip(*points[base])

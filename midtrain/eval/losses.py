@@ -14,7 +14,8 @@ state dict, plus ``model_config.yaml``). A validation set is
 
 The loss of a set is the token-weighted mean over every scored token, summed over all ranks.
 Rows already in the CSV, keyed by (checkpoint, set), are skipped, so a sweep can be re-run as new
-checkpoints appear; after each checkpoint the whole CSV is rewritten to a temp file and renamed.
+checkpoints appear; after each row the whole CSV is rewritten to a temp file and renamed, so rows
+already scored survive an error or a kill later in the sweep.
 A preemption signal (SLURM's ``--signal=USR1@...``) finishes the row being scored, writes the CSV
 and exits with status 75, on which ``training_scripts/evaluate.sbatch`` requeues; the rerun skips
 the rows already written.
@@ -291,9 +292,23 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def no_tokens_error(checkpoint: Checkpoint, val_set: ValSet, seq_len: int, needed: int | None) -> MidtrainError:
+    """The error for a set that scored nothing; ``needed``: the length that scores every SFT example in full."""
+    fix = f"--max_seq_length {min(needed, _block_size(checkpoint))}" if needed else "--max_seq_length N (longer)"
+    return MidtrainError(
+        f"Validation set {val_set.name!r} scored no tokens for {checkpoint.path} at max_seq_length {seq_len}: "
+        f"the likely cause is the sequence length (every example's prompt fills it, so no response token is "
+        f"left to score); rerun with {fix}. The rows scored so far are in the CSV."
+    )
+
+
+def sft_lengths_needed(records: list[dict], tokenizer: Tokenizer, prompt_style: str) -> int:
+    """The max_seq_length that holds the longest rendered SFT example (prompt, response and EOS) whole."""
+    dataset = SFTDataset(records, tokenizer, prompt_style, -1, False)
+    return max(len(dataset[i]["input_ids"]) for i in range(len(dataset))) - 1
+
+
 def make_row(checkpoint: Checkpoint, set_name: str, loss_sum: float, n_tokens: int) -> dict:
-    if n_tokens == 0:
-        raise MidtrainError(f"Validation set {set_name!r} scored no tokens for {checkpoint.path}.")
     loss = loss_sum / n_tokens
     return {
         "checkpoint": str(checkpoint.path),
@@ -417,20 +432,24 @@ def _evaluate_all(
                     sft_records[val_set.name], tokenizer, seq_len, options.prompt_style, options.mask_prompt,
                     options.batch_size, fabric.global_rank, fabric.world_size,
                 )  # fmt: skip
-            rows.append(make_row(checkpoint, val_set.name, *loss_sum_and_count(fabric, model, loader)))
+            loss_sum, n_tokens = loss_sum_and_count(fabric, model, loader)
+            if n_tokens == 0:  # the same on every rank (all-reduced); what is scored so far is already written
+                needed = None
+                if val_set.kind == "sft" and tokenizer is not None:
+                    needed = sft_lengths_needed(sft_records[val_set.name], tokenizer, options.prompt_style)
+                raise no_tokens_error(checkpoint, val_set, seq_len, needed)
+            rows.append(make_row(checkpoint, val_set.name, loss_sum, n_tokens))
+            if fabric.global_rank == 0:
+                write_rows(out, rows)  # each row as it is scored: an error or kill later keeps it
             bar.set_postfix_str(f"{checkpoint.path.name} {val_set.name} loss {rows[-1]['loss']}")
             bar.update()
             if preempt.agreed(fabric):
-                if fabric.global_rank == 0:
-                    write_rows(out, rows)
                 fabric.barrier()
                 fabric.print(
                     f"\nevaluate: preemption signal: {len(rows)} rows written to {out}; exiting with status "
                     f"{EXIT_PREEMPTED} so the job is requeued (the rerun skips them)."
                 )
                 sys.exit(EXIT_PREEMPTED)
-        if fabric.global_rank == 0:
-            write_rows(out, rows)
         fabric.barrier()
     bar.close()
     return rows if fabric.global_rank == 0 else None

@@ -432,11 +432,22 @@ def _weights(value: str, field_name: str) -> dict[str, float]:
     return parse_weights(value if ":" in value else f"{value}:1", field_name)
 
 
+def mixture_base(spec: str, base: str | None) -> tuple[str, str]:
+    """Mixture mode's ``(data_path, base)``: ``DATA_PATH:TYPE`` names the data_path and the base (``main``)."""
+    root, sep, selection = spec.rpartition(":")
+    if Path(spec).expanduser().is_dir() or not (sep and root and Path(root).expanduser().is_dir()):
+        return spec, base or "main"
+    if base is not None and base != selection:
+        raise MidtrainError(f"a={spec!r} names the base {selection!r} but base={base!r}; give one of them.")
+    return root, selection
+
+
 def _mixture_rows(profiler: _Profiler, source: Source, target: Profile, mixture: str, base: str) -> dict:
     single = len(source.shards) == 1 and source.shards[0].path == source.path
     if source.kind != "shards" or single or source.path != location(source.spec):
         raise MidtrainError(
-            f"With mixture=..., a must be one data_path (a directory of shard folders); got {source.spec!r}."
+            f"With mixture=..., a must be one data_path (a directory of shard folders, or DATA_PATH:BASE_TYPE); "
+            f"got {source.spec!r}."
         )
     mix_w, base_w = _weights(mixture, "mixture"), _weights(base, "base")
     names = [k for k in dict.fromkeys([*mix_w, *base_w]) if mix_w.get(k, 0) > 0 or base_w.get(k, 0) > 0]
@@ -467,7 +478,7 @@ def similarity(
     a: list[str] | str,
     b: list[str] | str | None = None,
     mixture: str | None = None,
-    base: str = "main",
+    base: str | None = None,
     tokenizer_dir: Path | None = None,
     n: int = 2,
     max_n: int = 4,
@@ -489,8 +500,10 @@ def similarity(
         a: SOURCE or list of SOURCEs: a shard directory, a data_path, ``DATA_PATH:TYPE`` (or
             ``DATA_PATH:SHARD_ID``), a .json/.jsonl SFT file, or a directory of text files.
         b: SOURCE(s) to compare against (the target in mixture mode). Leave unset for matrix mode.
-        mixture: Weights over the types (or shard IDs) of the data_path ``a``, e.g. ``main:0.8,code:0.2``.
-        base: The reference corpus for the proximity advantage: a type (``main``) or weights like ``mixture``.
+        mixture: Weights over the types (or shard IDs) of the data_path ``a``, e.g. ``main:0.8,code:0.2``;
+            ``a`` may then be ``DATA_PATH:TYPE`` (``data/demo:main``): the data_path and the base.
+        base: The reference corpus for the proximity advantage: a type or weights like ``mixture``
+            (default: the ``:TYPE`` of ``a``, else ``main``).
         tokenizer_dir: Directory with ``tokenizer.json``; needed to decode token shards and for token metrics.
             Default: ``<data_path>/tokenizer`` when it exists, else token metrics of text sources are skipped.
         n: The n of the reported word n-gram cosine.
@@ -517,6 +530,8 @@ def similarity(
         raise MidtrainError("Give b to compare a against, or at least two sources in a for a matrix.")
     if heatmap is not None and (b_list or mixture is not None):
         raise MidtrainError("heatmap is drawn in matrix mode only: give several sources in a and no b or mixture.")
+    if mixture is not None and len(a_list) == 1:
+        a_list[0], base = mixture_base(a_list[0], base)
     sources = {spec: resolve_source(spec, shard_types) for spec in [*a_list, *b_list]}
     if tokenizer_dir is None:
         tokenizer_dir = find_tokenizer_dir(list(sources.values()))

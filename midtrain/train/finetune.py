@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
 
+from midtrain.config.checks import check_compatible
 from midtrain.config.commands import FinetuneConfig
 from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.replay import Replay
@@ -40,6 +42,7 @@ from midtrain.data.sft import IGNORE_INDEX, SFTOrder, StepBatches, scored_fracti
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.errors import MidtrainError
 from midtrain.preemption import shielded_iter
+from midtrain.rundir import tokenizer_fingerprint
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import (
@@ -128,7 +131,18 @@ def main(fabric: L.Fabric, cfg: FinetuneConfig) -> None:
         fabric, cfg.tokenizer_dir, [path for _, path in cfg.shard_val_sets()] + _replay_shards(cfg.replay_data),
         cfg.base if start.checkpoint is None else None,
     )  # fmt: skip
-    if not begin_run(fabric, start, end_step):
+
+    def check_resume() -> None:  # before begin_run writes anything
+        if start.checkpoint is not None:
+            if start.saved["sft"]["train_samples"] != len(sft.train_set):
+                raise MidtrainError(
+                    f"The SFT training split had {start.saved['sft']['train_samples']} samples at {start.checkpoint} "
+                    f"and has {len(sft.train_set)} now; the saved data position would mean something else."
+                )
+            fingerprint = tokenizer_fingerprint(cfg.tokenizer_dir)
+            check_compatible(start.saved, cfg.model, cfg.seq_len, fingerprint, start.checkpoint)
+
+    if not begin_run(fabric, start, end_step, check_resume):
         return
 
     # model and optimizer (fresh; weights from the base checkpoint unless resuming)
@@ -141,11 +155,6 @@ def main(fabric: L.Fabric, cfg: FinetuneConfig) -> None:
         train.keep_last_checkpoints, sft.val_loaders,
     )  # fmt: skip
     if start.checkpoint is not None:
-        if start.saved["sft"]["train_samples"] != len(sft.train_set):
-            raise MidtrainError(
-                f"The SFT training split had {start.saved['sft']['train_samples']} samples at {start.checkpoint} and "
-                f"has {len(sft.train_set)} now; the saved data position would mean something else."
-            )
         run.restore()
     else:
         load_initial_weights(fabric, model, cfg.base)
@@ -214,7 +223,7 @@ class FinetuneSteps:
             sft.train_set,
             batch_sampler=StepBatches(SFTOrder(n_train, cfg.seed), self.consumed, n_sft, fabric.global_rank,
                                       fabric.world_size),
-            num_workers=getattr(cfg.data, "num_workers", 0),
+            num_workers=min(getattr(cfg.data, "num_workers", 0), len(os.sched_getaffinity(0))),  # never over the cores
             collate_fn=list,
         )  # fmt: skip
         fabric.print(

@@ -35,7 +35,6 @@ from midtrain.train.runtime import (
     begin_run,
     build_fabric,
     build_model_and_optimizer,
-    check_tokenizer,
     load_initial_weights,
     resolve_start,
 )
@@ -100,11 +99,15 @@ def main(fabric: L.Fabric, cfg: PretrainConfig) -> None:
     preempt = PreemptionFlag(cfg.preemption_signal)
     start = resolve_start(fabric, cfg.resume, cfg.out_dir, cfg.initial_checkpoint_dir)
     end_step = start.end_step(train.max_steps, train.max_additional_steps)
-    check_tokenizer(
-        fabric, cfg.tokenizer_dir, [s.path for s in data.shards] + list(data.val_paths.values()),
-        cfg.initial_checkpoint_dir if start.checkpoint is None else None,
-    )  # fmt: skip
-    if not begin_run(fabric, start, end_step):
+    tokenizer = Tokenizer(cfg.tokenizer_dir) if cfg.tokenizer_dir is not None else None
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=cfg.seq_len,
+                 with_source=True, global_batch_size=train.global_batch_size)  # fmt: skip
+
+    def check_data_order() -> None:  # model, tokenizer, shards: check_pretrain; this needs the run's processes
+        if start.saved is not None:
+            data.train_dataloader(start.step).load_state_dict(start.saved["loader"])  # data.seed, shards, ...
+
+    if not begin_run(fabric, start, end_step, check_data_order):
         return
 
     # model and optimizer: built empty, then weights from litgpt's init, a checkpoint or initial weights
@@ -112,9 +115,6 @@ def main(fabric: L.Fabric, cfg: PretrainConfig) -> None:
     model, optimizer = build_model_and_optimizer(
         fabric, cfg.model, cfg.seq_len, cfg.optimizer, train.tie_embeddings, initialize=True, compile=cfg.compile
     )
-    tokenizer = Tokenizer(cfg.tokenizer_dir) if cfg.tokenizer_dir is not None else None
-    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=cfg.seq_len,
-                 with_source=True, global_batch_size=train.global_batch_size)  # fmt: skip
     val_loaders = data.val_dataloaders(max_samples=cfg.eval.max_samples, batch_size=cfg.eval.batch_size)
     run = TrainingRun(
         fabric, start, model, optimizer, cfg.hparams(), cfg.model, cfg.seq_len, cfg.tokenizer_dir,

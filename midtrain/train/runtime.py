@@ -8,7 +8,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -24,6 +24,7 @@ from litgpt.utils import get_default_supported_precision, instantiate_torch_opti
 from torch.utils.data import DataLoader
 
 from midtrain import preemption
+from midtrain.config.checks import check_compatible, check_tokenizers
 from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED, report_save_time
@@ -34,9 +35,6 @@ from midtrain.rundir import (
     METRICS_FILE,
     MODEL_FILE,
     SUMMARY_FILE,
-    TRAIN_STATE_FILE,
-    check_recorded_tokenizer,
-    check_shard_tokenizers,
     read_json,
     tokenizer_fingerprint,
     write_json,
@@ -167,26 +165,6 @@ class PreemptionFlag:
         return bool(fabric.all_reduce(flag, reduce_op="sum").item() > 0)
 
 
-def check_compatible(saved: dict, config: Config, seq_len: int, fingerprint: str | None, path: Path) -> None:
-    """Refuse to resume a checkpoint written for another model, sequence length or tokenizer."""
-    old = saved.get("model_config") or {}
-    new = dataclasses.asdict(config)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "name")
-    if diff:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
-        raise MidtrainError(f"Checkpoint {path} was trained with a different model ({details}); cannot resume it.")
-    if int(saved.get("max_seq_length", seq_len)) != seq_len:
-        raise MidtrainError(
-            f"Checkpoint {path} used max_seq_length {saved['max_seq_length']}, this run {seq_len}; keep it equal."
-        )
-    old_fp = (saved.get("tokenizer") or {}).get("fingerprint")
-    if old_fp and fingerprint and old_fp != fingerprint:
-        raise MidtrainError(
-            f"Checkpoint {path} was trained with another tokenizer (fingerprint {old_fp[:12]} vs "
-            f"{fingerprint[:12]}); token IDs would not mean the same thing."
-        )
-
-
 # ---- the resume policy -------------------------------------------------------------------------
 
 
@@ -267,9 +245,11 @@ def _resume_policy(
     return Start(out_dir, checkpoint, saved, False, branch)
 
 
-def begin_run(fabric: L.Fabric, start: Start, end_step: int) -> bool:
+def begin_run(fabric: L.Fabric, start: Start, end_step: int, check: Callable[[], None] | None = None) -> bool:
     """Prepare ``out_dir`` for this submission; False when there is nothing to train (and say so).
 
+    ``check`` (every compatibility check of the resume: model, tokenizer, data order, ...) runs before
+    anything is written, so a refused resume leaves the run directory as it was.
     A new run records its branch point and starts an empty ``metrics.jsonl``; a continued run keeps
     the metrics rows up to the step it resumes from (later ones were logged after that checkpoint
     and are logged again), so each step appears once.
@@ -285,6 +265,8 @@ def begin_run(fabric: L.Fabric, start: Start, end_step: int) -> bool:
             f"{start.checkpoint} is at step {start.step}, and this run ends at step {end_step} "
             "(train.max_steps / max_additional_steps): nothing to train."
         )
+    if check is not None:
+        check()
     if fabric.global_rank == 0:
         start.out_dir.mkdir(parents=True, exist_ok=True)
         if not start.own:
@@ -358,19 +340,9 @@ def build_model_and_optimizer(
 def check_tokenizer(
     fabric: L.Fabric, tokenizer_dir: Path | None, shard_dirs: list[Path], weights_dir: Path | None = None
 ) -> None:
-    """Refuse shards (their ``prepare.json``) and starting weights (one of our checkpoints) made with another
-    tokenizer than ``tokenizer_dir``; shards without a manifest get a note."""
-    if tokenizer_dir is None:
-        fabric.print("note: no tokenizer_dir, so the tokenizer the shards were prepared with is not checked.")
-        return
-    if note := check_shard_tokenizers(tokenizer_dir, shard_dirs):
+    """:func:`midtrain.config.checks.check_tokenizers`, its note printed once."""
+    if note := check_tokenizers(tokenizer_dir, shard_dirs, weights_dir):
         fabric.print(note)
-    saved = read_json(Path(weights_dir) / TRAIN_STATE_FILE) if weights_dir is not None else None
-    check_recorded_tokenizer(
-        (saved or {}).get("tokenizer"), tokenizer_fingerprint(tokenizer_dir), tokenizer_dir,
-        f"{weights_dir} was trained",
-        "token IDs would not mean the same thing. Use the tokenizer the weights were trained with.",
-    )  # fmt: skip
 
 
 def load_initial_weights(fabric: L.Fabric, model: Any, directory: Path) -> None:
