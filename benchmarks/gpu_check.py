@@ -276,7 +276,7 @@ def run_checks(c: Checker) -> None:
 def check_preemption(c: Checker, source: Path) -> None:  # noqa: ARG001
     """SIGTERM (SLURM's preemption signal) to a running pretrain's process group: exit 75 and a checkpoint; the rerun
     continues from it to its end step, logging each step once."""
-    from midtrain.train.checkpoints import find_latest, read_train_state
+    from midtrain.rundir import find_latest, read_train_state
 
     out = c.root / "preempt"
     cfg = c.pretrain_cfg("preempt", train={**c.pretrain_cfg("x")["train"], "save_interval": None, "log_interval": 1})

@@ -33,7 +33,8 @@ def private_mib() -> float:
 def work(fabric: L.Fabric, how: str, cfg: dict, path: Path) -> None:
     from lightning.fabric.utilities.load import _lazy_load, _materialize_tensors
 
-    from midtrain.train.checkpoints import MODEL_FILE, load_checkpoint, save_checkpoint
+    from midtrain.rundir import MODEL_FILE
+    from midtrain.train.checkpoints import load_checkpoint, save_checkpoint
     from midtrain.train.loading import load_model_entry
 
     model = fabric.setup(GPT(Config(**cfg)))

@@ -24,7 +24,6 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_docstring_parse_options
 
@@ -348,8 +347,11 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*The epoch parameter in `scheduler.step\(\)`.*")
     if "SLURM_JOB_ID" not in os.environ:  # Lightning's hint to use srun means nothing outside a SLURM job
         warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system but is not used.*")
-    torch.set_float32_matmul_precision("high")
     command = argv[0]
+    if command in TRAINING or command in ("evaluate", "demo"):  # torch is imported only where a model runs
+        import torch
+
+        torch.set_float32_matmul_precision("high")
     try:
         run(command, argv[1:])
     except MidtrainError as e:

@@ -15,7 +15,7 @@ from midtrain.data.mixture import Mixture
 from midtrain.data.order import RunOrder
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.errors import MidtrainError
-from midtrain.train.checkpoints import is_complete, own_checkpoint, read_train_state, resolve_resume
+from midtrain.rundir import is_complete, own_checkpoint, read_train_state, resolve_resume
 
 
 @dataclass

@@ -20,14 +20,19 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import math
+import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from midtrain.errors import MidtrainError
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -134,6 +139,34 @@ def read_csv(path: Path | str) -> tuple[list[str], list[dict[str, str]]] | None:
     return list(reader.fieldnames or []), rows
 
 
+# ------------------------------------------------------------------------------ evaluate's CSV
+EVAL_LOSS_COLUMNS = ("checkpoint", "step", "tokens_seen", "set", "loss", "ppl", "n_tokens")
+EVAL_COLUMNS = (*EVAL_LOSS_COLUMNS, "metric", "value", "stderr")  # benchmark rows fill the last three
+
+
+def read_eval_rows(path: Path | str) -> list[dict[str, str]]:
+    """Rows of a ``midtrain evaluate`` CSV (empty when the file does not exist); older loss-only files too."""
+    found = read_csv(path)
+    if found is None:
+        return []
+    fields, rows = found
+    if fields and tuple(fields) not in (EVAL_COLUMNS, EVAL_LOSS_COLUMNS):
+        raise MidtrainError(f"{path} has columns {fields}, not an evaluate CSV {list(EVAL_COLUMNS)}.")
+    return [{c: row.get(c) or "" for c in EVAL_COLUMNS} for row in rows]
+
+
+def write_eval_rows(path: Path | str, rows: list[dict]) -> None:
+    """Write all rows to a temp file next to ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=EVAL_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------------- run files
 def read_metrics(run_dir: Path | str) -> list[dict]:
     """The rows of ``run_dir/metrics.jsonl`` in file order (an unreadable line, e.g. cut by a kill, is skipped)."""
@@ -145,6 +178,141 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
         except json.JSONDecodeError:
             print(f"report: {path}:{number} is not JSON; skipped.")
     return rows
+
+
+# ------------------------------------------------------------------------ checkpoints of a run
+REQUIRED_FILES = (MODEL_FILE, TRAIN_STATE_FILE)
+
+STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint directory (litgpt's naming)
+OLD_PREFIX = ".old-"
+TMP_PREFIX = ".tmp-"
+DEL_PREFIX = ".del-"  # a checkpoint being deleted (pruning)
+
+
+def checkpoint_name(step: int) -> str:
+    """``step-00001000`` for step 1000 (litgpt's naming)."""
+    return f"step-{step:08d}"
+
+
+def is_complete(path: Path | str) -> bool:
+    """True if ``path`` is a finished checkpoint: marker plus model and train-state files, not a temp dir."""
+    path = Path(path)
+    return not path.name.startswith(TMP_PREFIX) and not _missing(path)
+
+
+def find_latest(out_dir: Path | str) -> Path | None:
+    """The complete checkpoint with the highest step in ``out_dir``, or None.
+
+    Interrupted saves (``.tmp-*``) and ``step-*`` directories without the marker are skipped with
+    a warning.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    complete: dict[int, Path] = {}
+    fallbacks: dict[int, Path] = {}
+    for child in sorted(out_dir.iterdir()):
+        if child.name.startswith(TMP_PREFIX):
+            log.warning("Ignoring %s: an interrupted checkpoint save.", child)
+            continue
+        old = child.name.startswith(OLD_PREFIX)
+        match = STEP_DIR.fullmatch(child.name.removeprefix(OLD_PREFIX))
+        if match is None or not child.is_dir():
+            continue
+        if not is_complete(child):
+            log.warning("Ignoring incomplete checkpoint %s (missing %s).", child, ", ".join(_missing(child)))
+            continue
+        (fallbacks if old else complete)[int(match.group(1))] = child
+    for step, path in fallbacks.items():
+        complete.setdefault(step, path)
+    return complete[max(complete)] if complete else None
+
+
+def own_checkpoint(out_dir: Path | str, resume: bool | Literal["auto"] | Path | str | None) -> Path | None:
+    """``out_dir``'s newest complete checkpoint, which a run continues whatever ``resume`` names; None if none.
+
+    ``resume: false`` next to such a checkpoint is refused: a fresh start would train over it.
+    """
+    own = find_latest(out_dir)
+    if own is not None and (resume is None or resume is False):
+        raise MidtrainError(
+            f"{out_dir} already holds checkpoints (newest {own.name}) and resume is false; use resume: auto "
+            "(the default) to continue that run, or another out_dir to start a new one."
+        )
+    return own
+
+
+def resolve_resume(resume: bool | Literal["auto"] | Path | str | None, out_dir: Path | str) -> Path | None:
+    """The checkpoint directory to resume from, or None to start fresh.
+
+    * ``False`` / ``None``: None.
+    * ``"auto"``: the newest complete checkpoint in ``out_dir``, or None if there is none.
+    * ``True``: the newest complete checkpoint in ``out_dir``; an error if there is none.
+    * a path: a complete checkpoint directory (or its ``lit_model.pth``), or a run directory,
+      meaning its newest complete checkpoint. It may belong to another run.
+    """
+    out_dir = Path(out_dir)
+    if resume is None or resume is False:
+        return None
+    if resume == "auto":
+        return find_latest(out_dir)
+    if resume is True:
+        latest = find_latest(out_dir)
+        if latest is None:
+            raise MidtrainError(
+                f"resume=true but {out_dir} holds no complete checkpoint; "
+                "use resume: auto to start fresh when there is none."
+            )
+        return latest
+    return _resolve_path(Path(resume).expanduser())
+
+
+def read_train_state(path: Path | str) -> dict[str, Any]:
+    """The ``train_state.json`` of checkpoint ``path``."""
+    return json.loads((Path(path) / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _resolve_path(path: Path) -> Path:
+    if path.is_file():  # e.g. .../step-00001000/lit_model.pth
+        path = path.parent
+    if not path.exists():
+        raise MidtrainError(f"resume path {path} does not exist{_listing(path.parent)}.")
+    if is_complete(path):
+        return path
+    if STEP_DIR.fullmatch(path.name) or (path / MODEL_FILE).exists():
+        raise MidtrainError(incomplete_message(path))
+    latest = find_latest(path)  # a run directory
+    if latest is None:
+        raise MidtrainError(
+            f"resume path {path} is neither a complete checkpoint nor a run directory holding one "
+            f"(step-* directories with a {MARKER_FILE} marker). To start from weights only, use initial_checkpoint_dir."
+        )
+    return latest
+
+
+def _missing(path: Path) -> list[str]:
+    return [name for name in (MARKER_FILE, *REQUIRED_FILES) if not (path / name).is_file()]
+
+
+def incomplete_message(path: Path) -> str:
+    if path.name.startswith(TMP_PREFIX):
+        return f"{path} is an interrupted checkpoint save, not a checkpoint{_listing(path.parent)}."
+    missing = ", ".join(_missing(path))
+    why = " (its save was interrupted)" if MARKER_FILE in missing else ""
+    return (
+        f"{path} is not a complete checkpoint{why}: missing {missing}{_listing(path.parent)}. "
+        "To start from weights only, use initial_checkpoint_dir."
+    )
+
+
+def _listing(directory: Path) -> str:
+    """``; complete checkpoints in D: a, b`` (or that there are none)."""
+    if not directory.is_dir():
+        return ""
+    found = [
+        child.name for child in sorted(directory.iterdir()) if STEP_DIR.fullmatch(child.name) and is_complete(child)
+    ]
+    return f"; complete checkpoints in {directory}: {', '.join(found) if found else 'none'}"
 
 
 # --------------------------------------------------------------------------------- tokenizer

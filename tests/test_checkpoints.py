@@ -14,16 +14,8 @@ from litgpt.config import Config
 from litgpt.model import GPT
 
 from midtrain.errors import MidtrainError
-from midtrain.train.checkpoints import (
-    find_latest,
-    load_checkpoint,
-    prune_checkpoints,
-    read_train_state,
-    read_yaml,
-    resolve_resume,
-    save_checkpoint,
-    save_final,
-)
+from midtrain.rundir import find_latest, read_train_state, resolve_resume
+from midtrain.train.checkpoints import load_checkpoint, prune_checkpoints, read_yaml, save_checkpoint, save_final
 from midtrain.train.runtime import truncate_metrics
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32, padded_vocab_size=32)

@@ -18,7 +18,8 @@ from test_finetune import _records, finetune_config, world  # noqa: F401 - fixtu
 
 from midtrain.cli import run
 from midtrain.preemption import EXIT_PREEMPTED
-from midtrain.train.checkpoints import find_latest, prune_checkpoints, read_train_state
+from midtrain.rundir import find_latest, read_train_state
+from midtrain.train.checkpoints import prune_checkpoints
 from tests.synthetic import write_tree
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512,

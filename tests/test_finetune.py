@@ -23,13 +23,13 @@ from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint as conv
 from litgpt.tokenizer import Tokenizer
 
 from midtrain.cli import run
+from midtrain.config.schedules import LRSchedule
 from midtrain.data.replay import Replay, spread
 from midtrain.data.sft import SFTOrder
 from midtrain.data.sharded_mixed import ValWindows
 from midtrain.errors import MidtrainError
-from midtrain.train.checkpoints import find_latest, read_train_state
+from midtrain.rundir import find_latest, read_train_state
 from midtrain.train.runtime import EXIT_PREEMPTED
-from midtrain.train.schedules import LRSchedule
 from tests.synthetic import write_tree
 
 SEQ = 64

@@ -13,7 +13,7 @@ from conftest import set_dotted
 from midtrain.data.synthetic import write_tree
 
 from midtrain.cli import run
-from midtrain.train.checkpoints import checkpoint_name, read_train_state
+from midtrain.rundir import checkpoint_name, read_train_state
 
 SEQ = 16
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": SEQ, "vocab_size": 512,

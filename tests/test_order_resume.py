@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from midtrain.cli import run
-from midtrain.train.checkpoints import read_train_state
+from midtrain.rundir import read_train_state
 from tests.synthetic import write_tree
 
 pytestmark = pytest.mark.slow  # spawns training subprocesses (2-process DDP)

@@ -17,7 +17,7 @@ import yaml
 
 from midtrain import preemption
 from midtrain.cli import run
-from midtrain.train.checkpoints import find_latest, read_train_state
+from midtrain.rundir import find_latest, read_train_state
 from tests.synthetic import write_tree
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512,

@@ -18,7 +18,7 @@ from conftest import set_dotted
 
 from midtrain.cli import run
 from midtrain.errors import MidtrainError
-from midtrain.train.checkpoints import find_latest, read_train_state
+from midtrain.rundir import find_latest, read_train_state
 from midtrain.train.runtime import EXIT_PREEMPTED
 from tests.synthetic import write_tree
 

@@ -27,7 +27,7 @@ from midtrain.cli import run
 from midtrain.data.mixture import MixtureSpec, resolve_mixture
 from midtrain.data.shards import discover_shards, load_shard
 from midtrain.errors import MidtrainError
-from midtrain.train.checkpoints import find_latest, read_train_state
+from midtrain.rundir import find_latest, read_train_state
 from tests.synthetic import write_tree
 
 pytestmark = pytest.mark.slow  # spawns an S3 server process and training subprocesses

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
+from midtrain.config.schedules import LRSchedule, lr_at
 from midtrain.errors import MidtrainError
-from midtrain.train.schedules import LRSchedule, lr_at
 
 T, BASE, MIN = 100, 1.0, 0.1
 

@@ -25,9 +25,16 @@ from midtrain.data.mixture import MixtureSpec, load_mix_config
 from midtrain.data.shards import load_shard
 from midtrain.data.token_range import check_token_ids, read_manifest
 from midtrain.errors import MidtrainError
-from midtrain.rundir import TRAIN_STATE_FILE, check_recorded_tokenizer, check_shard_tokenizers, tokenizer_fingerprint
+from midtrain.rundir import (
+    TRAIN_STATE_FILE,
+    check_recorded_tokenizer,
+    check_shard_tokenizers,
+    own_checkpoint,
+    read_train_state,
+    resolve_resume,
+    tokenizer_fingerprint,
+)
 from midtrain.storage import is_remote
-from midtrain.train.checkpoints import own_checkpoint, read_train_state, resolve_resume
 
 LOGGER_PACKAGES = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),

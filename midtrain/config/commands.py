@@ -25,8 +25,7 @@ from midtrain.data.replay import Replay
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
-from midtrain.rundir import MODEL_CONFIG_FILE, MODEL_FILE, TOKENIZER_MODEL_FILES, has_tokenizer, to_plain
-from midtrain.train.checkpoints import find_latest
+from midtrain.rundir import MODEL_CONFIG_FILE, MODEL_FILE, TOKENIZER_MODEL_FILES, find_latest, has_tokenizer, to_plain
 
 Resume = bool | Literal["auto"] | Path
 Strategy = Literal["auto", "ddp", "fsdp"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from midtrain.config.schedules import LRSchedule
 from midtrain.errors import MidtrainError
-from midtrain.train.schedules import LRSchedule
 
 
 @dataclass

@@ -231,7 +231,7 @@ def demo(
         seed: Seed of the demo corpus.
     """
     from midtrain.demo.corpus import build_demo_corpus
-    from midtrain.train.checkpoints import checkpoint_name, find_latest
+    from midtrain.rundir import checkpoint_name, find_latest
 
     fractions = sorted(set(efficiency_fractions or [0.25, 0.5, 1.0]))
     if len(fractions) < 3 or not all(0 < f <= 1 for f in fractions):

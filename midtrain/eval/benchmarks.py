@@ -26,8 +26,7 @@ import yaml
 
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
-from midtrain.rundir import TOKENIZER_FILES
-from midtrain.train.checkpoints import MODEL_CONFIG_FILE
+from midtrain.rundir import MODEL_CONFIG_FILE, TOKENIZER_FILES
 from midtrain.train.hf_config import HF_CONFIG_FILE, hf_config_json
 
 if TYPE_CHECKING:
@@ -204,38 +203,3 @@ def write_choice_task(
     path = out_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path
-
-
-def benchmark_section(runs: dict[str, Path], csv_files: list[Path]) -> list[str]:
-    """Markdown for ``report``: each run's latest benchmark scores, and score vs step with several checkpoints.
-
-    A row belongs to the run whose directory holds its checkpoint (``<run>/step-*`` or ``<run>/final``).
-    """
-    from midtrain.eval.losses import read_rows
-    from midtrain.report.report import _table
-
-    owner = {path.resolve(): label for label, path in runs.items()}
-    scores: dict[tuple[str, str, str], dict[str, dict]] = {}  # (run, set, metric) -> {checkpoint: row}
-    for row in (r for f in csv_files for r in read_rows(f) if r["metric"]):
-        label = owner.get(Path(row["checkpoint"]).resolve().parent)
-        if label is not None:
-            scores.setdefault((label, row["set"], row["metric"]), {})[row["checkpoint"]] = row
-    if not scores:
-        return ["## Benchmarks", "", "_No benchmark rows (`midtrain evaluate --tasks`) for these runs._", ""]
-
-    def order(row: dict) -> tuple[bool, int]:  # final/ (no step) counts as the latest
-        return (row["step"] == "", int(row["step"] or 0))
-
-    def cell(row: dict) -> str:
-        return row["value"] + (f" ± {row['stderr']}" if row["stderr"] else "")
-
-    latest = [[*key, cell(r := max(by_ckpt.values(), key=order)), Path(r["checkpoint"]).name]
-              for key, by_ckpt in sorted(scores.items())]  # fmt: skip
-    lines = ["## Benchmarks", "", "Latest checkpoint of each run (value ± stderr, lm-eval-harness).", ""]
-    lines += _table(["run", "benchmark", "metric", "score", "checkpoint"], latest) + [""]
-    steps = sorted({int(r["step"]) for by_ckpt in scores.values() for r in by_ckpt.values() if r["step"]})
-    if len(steps) > 1:
-        over = [[*key, *(next((r["value"] for r in by_ckpt.values() if r["step"] == str(s)), "—") for s in steps)]
-                for key, by_ckpt in sorted(scores.items())]  # fmt: skip
-        lines += ["**Score vs step**", "", *_table(["run", "benchmark", "metric", *map(str, steps)], over), ""]
-    return lines

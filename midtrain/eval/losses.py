@@ -23,7 +23,6 @@ the rows already written.
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import math
@@ -50,14 +49,21 @@ from midtrain.data.shards import load_shard
 from midtrain.errors import MidtrainError
 from midtrain.eval.benchmarks import parse_tasks, run_benchmarks
 from midtrain.preemption import EXIT_PREEMPTED
-from midtrain.rundir import MARKER_FILE, MODEL_CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, has_tokenizer, read_csv
+from midtrain.rundir import (
+    MARKER_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
+    has_tokenizer,
+    is_complete,
+    read_train_state,
+)
+from midtrain.rundir import read_eval_rows as read_rows
+from midtrain.rundir import write_eval_rows as write_rows
 from midtrain.storage import is_remote, location
-from midtrain.train.checkpoints import is_complete, read_train_state
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights
 
-LOSS_COLUMNS = ("checkpoint", "step", "tokens_seen", "set", "loss", "ppl", "n_tokens")
-COLUMNS = (*LOSS_COLUMNS, "metric", "value", "stderr")  # benchmark rows (eval.benchmarks) fill the last three
 _STEP_NAME = re.compile(r"step-(\d+)")
 _SET_NAME = re.compile(r"[A-Za-z0-9_.\-/]+")
 
@@ -269,29 +275,6 @@ def checkpoint_tokenizer(checkpoint: Checkpoint, tokenizer_dir: Path | None) -> 
 
 
 # ---------------------------------------------------------------------------------------- CSV
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of an evaluate CSV (empty when the file does not exist)."""
-    found = read_csv(path)
-    if found is None:
-        return []
-    fields, rows = found
-    if fields and tuple(fields) not in (COLUMNS, LOSS_COLUMNS):
-        raise MidtrainError(f"{path} has columns {fields}, not an evaluate CSV {list(COLUMNS)}.")
-    return [{c: row.get(c) or "" for c in COLUMNS} for row in rows]
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """Write all rows to a temp file next to ``path`` and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def no_tokens_error(checkpoint: Checkpoint, val_set: ValSet, seq_len: int, needed: int | None) -> MidtrainError:
     """The error for a set that scored nothing; ``needed``: the length that scores every SFT example in full."""
     fix = f"--max_seq_length {min(needed, _block_size(checkpoint))}" if needed else "--max_seq_length N (longer)"

@@ -21,8 +21,7 @@ import yaml
 from midtrain.errors import MidtrainError
 from midtrain.experiment.graph import Node, build, run_dir
 from midtrain.experiment.spec import BASE_NAME, MIXTURE_MODES, Experiment
-from midtrain.train.checkpoints import FINAL_DIR, HPARAMS_FILE, checkpoint_name
-from midtrain.train.runtime import SUMMARY_FILE
+from midtrain.rundir import FINAL_DIR, HPARAMS_FILE, SUMMARY_FILE, checkpoint_name
 
 MIXTURE_FIELDS = (*MIXTURE_MODES, "stages")
 """What a branch's mixture replaces in the base config's data fields."""

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from midtrain.experiment.generate import Plan
 from midtrain.experiment.graph import Node
-from midtrain.train.checkpoints import FINAL_DIR, MARKER_FILE, checkpoint_name, is_complete
-from midtrain.train.runtime import SUMMARY_FILE
+from midtrain.rundir import FINAL_DIR, MARKER_FILE, SUMMARY_FILE, checkpoint_name, is_complete, read_eval_rows
 
 STATES = ("done", "running", "pending", "waiting", "failed", "not submitted")
 ACTIVE_SLURM = {"PENDING": "pending", "RUNNING": "running", "REQUEUED": "pending", "CONFIGURING": "running",
@@ -61,9 +60,7 @@ def is_done(node: Node, p: Plan) -> bool:
         final = (out / FINAL_DIR / MARKER_FILE).is_file()
         return final and step is not None and (node.end_step is None or step >= node.end_step)
     if node.kind == "evaluate":
-        from midtrain.eval.losses import read_rows  # noqa: PLC0415 (loads torch)
-
-        sets = {row["set"] for row in read_rows(out)} if out.is_file() else set()
+        sets = {row["set"] for row in read_eval_rows(out)} if out.is_file() else set()
         return set(p.exp.evaluate.val) <= sets
     return (out / "report.md").is_file()
 

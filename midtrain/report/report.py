@@ -19,7 +19,7 @@ from pathlib import Path
 
 from midtrain.errors import MidtrainError
 from midtrain.report.plots import Series, plot_forgetting, plot_training, plot_val_set
-from midtrain.rundir import METRICS_FILE, MIXTURE_HISTORY_FILE, SUMMARY_FILE, read_json, read_metrics
+from midtrain.rundir import METRICS_FILE, MIXTURE_HISTORY_FILE, SUMMARY_FILE, read_eval_rows, read_json, read_metrics
 
 _VAL_KEY = re.compile(r"val/(.+)/loss")
 _TRAIN_KEY = re.compile(r"train/(.+)/loss")
@@ -274,8 +274,6 @@ def report(
         rows = [[label, f"{x:.4f}", f"{y:.4f}"] for label, (x, y) in points.items()]
         lines += _table(["run", f"{in_domain} (in-domain)", f"{general} (pretraining)"], rows) + [""]
     if evals:
-        from midtrain.eval.benchmarks import benchmark_section
-
         files = [Path(p) for g in ([evals] if isinstance(evals, str) else evals) for p in sorted(glob.glob(g))]
         lines += benchmark_section({r.label: r.path for r in loaded}, files)
     for run in loaded:
@@ -292,3 +290,35 @@ def report(
 def _final_cells(run: Run, sets: list[str]) -> list[str]:
     final = final_val_losses(run.path, run.rows)
     return [_fmt_loss(final.get(s)) for s in sets]
+
+
+def benchmark_section(runs: dict[str, Path], csv_files: list[Path]) -> list[str]:
+    """Markdown for ``report``: each run's latest benchmark scores, and score vs step with several checkpoints.
+
+    A row belongs to the run whose directory holds its checkpoint (``<run>/step-*`` or ``<run>/final``).
+    """
+    owner = {path.resolve(): label for label, path in runs.items()}
+    scores: dict[tuple[str, str, str], dict[str, dict]] = {}  # (run, set, metric) -> {checkpoint: row}
+    for row in (r for f in csv_files for r in read_eval_rows(f) if r["metric"]):
+        label = owner.get(Path(row["checkpoint"]).resolve().parent)
+        if label is not None:
+            scores.setdefault((label, row["set"], row["metric"]), {})[row["checkpoint"]] = row
+    if not scores:
+        return ["## Benchmarks", "", "_No benchmark rows (`midtrain evaluate --tasks`) for these runs._", ""]
+
+    def order(row: dict) -> tuple[bool, int]:  # final/ (no step) counts as the latest
+        return (row["step"] == "", int(row["step"] or 0))
+
+    def cell(row: dict) -> str:
+        return row["value"] + (f" ± {row['stderr']}" if row["stderr"] else "")
+
+    latest = [[*key, cell(r := max(by_ckpt.values(), key=order)), Path(r["checkpoint"]).name]
+              for key, by_ckpt in sorted(scores.items())]  # fmt: skip
+    lines = ["## Benchmarks", "", "Latest checkpoint of each run (value ± stderr, lm-eval-harness).", ""]
+    lines += _table(["run", "benchmark", "metric", "score", "checkpoint"], latest) + [""]
+    steps = sorted({int(r["step"]) for by_ckpt in scores.values() for r in by_ckpt.values() if r["step"]})
+    if len(steps) > 1:
+        over = [[*key, *(next((r["value"] for r in by_ckpt.values() if r["step"] == str(s)), "—") for s in steps)]
+                for key, by_ckpt in sorted(scores.items())]  # fmt: skip
+        lines += ["**Score vs step**", "", *_table(["run", "benchmark", "metric", *map(str, steps)], over), ""]
+    return lines

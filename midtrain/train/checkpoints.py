@@ -32,22 +32,29 @@ import json
 import logging
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from midtrain.errors import MidtrainError
 from midtrain.rundir import (
+    DEL_PREFIX,
     FINAL_DIR,
     HPARAMS_FILE,
     MARKER_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
+    OLD_PREFIX,
+    STEP_DIR,
+    TMP_PREFIX,
     TOKENIZER_FILES,
     TRAIN_STATE_FILE,
+    checkpoint_name,
     dump_json,
     dump_yaml,
+    incomplete_message,
+    is_complete,
+    read_train_state,
 )
 from midtrain.rundir import read_yaml as read_yaml_file
 from midtrain.train.hf_config import hf_config_files
@@ -56,91 +63,6 @@ if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
 log = logging.getLogger(__name__)
-
-REQUIRED_FILES = (MODEL_FILE, TRAIN_STATE_FILE)
-
-_STEP_DIR = re.compile(r"step-(\d+)")
-_OLD_PREFIX = ".old-"
-_TMP_PREFIX = ".tmp-"
-_DEL_PREFIX = ".del-"  # a checkpoint being deleted (pruning)
-
-
-def checkpoint_name(step: int) -> str:
-    """``step-00001000`` for step 1000 (litgpt's naming)."""
-    return f"step-{step:08d}"
-
-
-def is_complete(path: Path | str) -> bool:
-    """True if ``path`` is a finished checkpoint: marker plus model and train-state files, not a temp dir."""
-    path = Path(path)
-    return not path.name.startswith(_TMP_PREFIX) and not _missing(path)
-
-
-def find_latest(out_dir: Path | str) -> Path | None:
-    """The complete checkpoint with the highest step in ``out_dir``, or None.
-
-    Interrupted saves (``.tmp-*``) and ``step-*`` directories without the marker are skipped with
-    a warning.
-    """
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return None
-    complete: dict[int, Path] = {}
-    fallbacks: dict[int, Path] = {}
-    for child in sorted(out_dir.iterdir()):
-        if child.name.startswith(_TMP_PREFIX):
-            log.warning("Ignoring %s: an interrupted checkpoint save.", child)
-            continue
-        old = child.name.startswith(_OLD_PREFIX)
-        match = _STEP_DIR.fullmatch(child.name.removeprefix(_OLD_PREFIX))
-        if match is None or not child.is_dir():
-            continue
-        if not is_complete(child):
-            log.warning("Ignoring incomplete checkpoint %s (missing %s).", child, ", ".join(_missing(child)))
-            continue
-        (fallbacks if old else complete)[int(match.group(1))] = child
-    for step, path in fallbacks.items():
-        complete.setdefault(step, path)
-    return complete[max(complete)] if complete else None
-
-
-def own_checkpoint(out_dir: Path | str, resume: bool | Literal["auto"] | Path | str | None) -> Path | None:
-    """``out_dir``'s newest complete checkpoint, which a run continues whatever ``resume`` names; None if none.
-
-    ``resume: false`` next to such a checkpoint is refused: a fresh start would train over it.
-    """
-    own = find_latest(out_dir)
-    if own is not None and (resume is None or resume is False):
-        raise MidtrainError(
-            f"{out_dir} already holds checkpoints (newest {own.name}) and resume is false; use resume: auto "
-            "(the default) to continue that run, or another out_dir to start a new one."
-        )
-    return own
-
-
-def resolve_resume(resume: bool | Literal["auto"] | Path | str | None, out_dir: Path | str) -> Path | None:
-    """The checkpoint directory to resume from, or None to start fresh.
-
-    * ``False`` / ``None``: None.
-    * ``"auto"``: the newest complete checkpoint in ``out_dir``, or None if there is none.
-    * ``True``: the newest complete checkpoint in ``out_dir``; an error if there is none.
-    * a path: a complete checkpoint directory (or its ``lit_model.pth``), or a run directory,
-      meaning its newest complete checkpoint. It may belong to another run.
-    """
-    out_dir = Path(out_dir)
-    if resume is None or resume is False:
-        return None
-    if resume == "auto":
-        return find_latest(out_dir)
-    if resume is True:
-        latest = find_latest(out_dir)
-        if latest is None:
-            raise MidtrainError(
-                f"resume=true but {out_dir} holds no complete checkpoint; "
-                "use resume: auto to start fresh when there is none."
-            )
-        return latest
-    return _resolve_path(Path(resume).expanduser())
 
 
 def save_checkpoint(
@@ -180,7 +102,7 @@ def load_checkpoint(fabric: Fabric, path: Path | str, state: dict[str, Any], str
     """
     path = Path(path)
     if not is_complete(path):
-        raise MidtrainError(_incomplete_message(path))
+        raise MidtrainError(incomplete_message(path))
     if (path / MODEL_FILE).is_file():
         read_weights_only(path / MODEL_FILE)  # FSDP's full-checkpoint reader is not restricted; refuse pickled code
     try:
@@ -207,11 +129,6 @@ def read_weights_only(file: Path | str) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MidtrainError(f"Cannot read {file} as tensors and plain data (weights_only=True): {first}") from err
-
-
-def read_train_state(path: Path | str) -> dict[str, Any]:
-    """The ``train_state.json`` of checkpoint ``path``."""
-    return json.loads((Path(path) / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
 
 
 def read_yaml(path: Path | str, name: str = HPARAMS_FILE) -> dict[str, Any] | None:
@@ -253,7 +170,7 @@ def prune_checkpoints(out_dir: Path | str, keep_last: int | None) -> list[Path]:
     steps = sorted(
         (int(m.group(1)), child)
         for child in out_dir.iterdir()
-        if (m := _STEP_DIR.fullmatch(child.name)) and is_complete(child)
+        if (m := STEP_DIR.fullmatch(child.name)) and is_complete(child)
     )
     doomed = [path for _, path in steps[:-keep_last]]
     for path in doomed:
@@ -267,7 +184,7 @@ def _delete(path: Path) -> None:
     A reader that opens ``step-*`` afterwards finds it gone rather than half deleted (one that has its files open
     keeps reading them); a kill mid-delete leaves a ``.del-*`` that :func:`clean_leftovers` removes at the next start.
     """
-    doomed = path.with_name(f"{_DEL_PREFIX}{path.name}")
+    doomed = path.with_name(f"{DEL_PREFIX}{path.name}")
     os.replace(path, doomed)
     _fsync(path.parent)
     shutil.rmtree(doomed)
@@ -281,8 +198,8 @@ def clean_leftovers(out_dir: Path | str) -> list[Path]:
         return []
     removed = []
     for child in sorted(out_dir.iterdir()):
-        replaced = child.name.startswith(_OLD_PREFIX) and is_complete(out_dir / child.name.removeprefix(_OLD_PREFIX))
-        if child.name.startswith((_TMP_PREFIX, _DEL_PREFIX)) or replaced:
+        replaced = child.name.startswith(OLD_PREFIX) and is_complete(out_dir / child.name.removeprefix(OLD_PREFIX))
+        if child.name.startswith((TMP_PREFIX, DEL_PREFIX)) or replaced:
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed
@@ -300,7 +217,7 @@ def _write_atomically(
     """Write ``state`` and ``texts`` (marker last) into a temp dir, then rename it to ``out_dir/name``."""
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise MidtrainError(f"tokenizer_dir {tokenizer_dir} is not a directory; cannot copy tokenizer files.")
-    final, tmp, old = out_dir / name, out_dir / f"{_TMP_PREFIX}{name}", out_dir / f"{_OLD_PREFIX}{name}"
+    final, tmp, old = out_dir / name, out_dir / f"{TMP_PREFIX}{name}", out_dir / f"{OLD_PREFIX}{name}"
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         clean_leftovers(out_dir)
@@ -357,46 +274,3 @@ def _fsync(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _resolve_path(path: Path) -> Path:
-    if path.is_file():  # e.g. .../step-00001000/lit_model.pth
-        path = path.parent
-    if not path.exists():
-        raise MidtrainError(f"resume path {path} does not exist{_listing(path.parent)}.")
-    if is_complete(path):
-        return path
-    if _STEP_DIR.fullmatch(path.name) or (path / MODEL_FILE).exists():
-        raise MidtrainError(_incomplete_message(path))
-    latest = find_latest(path)  # a run directory
-    if latest is None:
-        raise MidtrainError(
-            f"resume path {path} is neither a complete checkpoint nor a run directory holding one "
-            f"(step-* directories with a {MARKER_FILE} marker). To start from weights only, use initial_checkpoint_dir."
-        )
-    return latest
-
-
-def _missing(path: Path) -> list[str]:
-    return [name for name in (MARKER_FILE, *REQUIRED_FILES) if not (path / name).is_file()]
-
-
-def _incomplete_message(path: Path) -> str:
-    if path.name.startswith(_TMP_PREFIX):
-        return f"{path} is an interrupted checkpoint save, not a checkpoint{_listing(path.parent)}."
-    missing = ", ".join(_missing(path))
-    why = " (its save was interrupted)" if MARKER_FILE in missing else ""
-    return (
-        f"{path} is not a complete checkpoint{why}: missing {missing}{_listing(path.parent)}. "
-        "To start from weights only, use initial_checkpoint_dir."
-    )
-
-
-def _listing(directory: Path) -> str:
-    """``; complete checkpoints in D: a, b`` (or that there are none)."""
-    if not directory.is_dir():
-        return ""
-    found = [
-        child.name for child in sorted(directory.iterdir()) if _STEP_DIR.fullmatch(child.name) and is_complete(child)
-    ]
-    return f"; complete checkpoints in {directory}: {', '.join(found) if found else 'none'}"

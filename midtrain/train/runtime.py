@@ -35,19 +35,14 @@ from midtrain.rundir import (
     METRICS_FILE,
     MODEL_FILE,
     SUMMARY_FILE,
+    own_checkpoint,
     read_json,
+    read_train_state,
+    resolve_resume,
     tokenizer_fingerprint,
     write_json,
 )
-from midtrain.train.checkpoints import (
-    load_checkpoint,
-    own_checkpoint,
-    prune_checkpoints,
-    read_train_state,
-    resolve_resume,
-    save_checkpoint,
-    save_final,
-)
+from midtrain.train.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint, save_final
 from midtrain.train.loading import load_model_entry
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.ownership import shared_start
