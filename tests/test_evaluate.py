@@ -21,7 +21,8 @@ from midtrain.cli import run
 from midtrain.data.sharded_mixed import ValWindows
 from midtrain.demo.corpus import train_bpe_tokenizer
 from midtrain.errors import MidtrainError
-from midtrain.eval.losses import COLUMNS, find_checkpoints, parse_val_sets
+from midtrain.eval.losses import find_checkpoints, parse_val_sets
+from midtrain.rundir import EVAL_COLUMNS as COLUMNS
 from tests.synthetic import write_tree
 
 SEQ = 64

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import set_dotted
-from midtrain.data.synthetic import write_tree
 
 from midtrain.cli import run
 from midtrain.rundir import checkpoint_name, read_train_state
+from tests.synthetic import write_tree
 
 SEQ = 16
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": SEQ, "vocab_size": 512,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from midtrain.data.demo_corpus import build_demo_corpus, train_bpe_tokenizer
 
 from midtrain.cli import main
+from midtrain.demo.corpus import build_demo_corpus, train_bpe_tokenizer
 from midtrain.eval.efficiency import efficiency
 from midtrain.eval.losses import write_rows
 

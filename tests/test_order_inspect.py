@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 from litdata import StreamingDataset, TokensLoader
-from midtrain.data.synthetic import write_tree
 
 from midtrain.cli import run
 from midtrain.data import ShardedMixedDataset
 from midtrain.errors import MidtrainError
 from midtrain.inspect_mixture import epochs_by_step, plan, step_provenance
+from tests.synthetic import write_tree
 
 SEQ = 16
 STAGES = [{"at_step": 3, "mix_weights_str": "main:0.2,math:0.8"}]

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from midtrain.data.demo_corpus import train_bpe_tokenizer
 
 from midtrain.data.shards import discover_shards
+from midtrain.demo.corpus import train_bpe_tokenizer
 from midtrain.errors import MidtrainError
 from midtrain.prepare.manifests import reserve_shard_name
 

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import yaml
-from midtrain.data.synthetic import write_shard, write_tree
 
 from midtrain.cli import run
 from midtrain.data.shards import load_shard
 from midtrain.data.token_range import max_token_id
 from midtrain.errors import MidtrainError
 from midtrain.prepare.writing import read_shard_tokens
+from tests.synthetic import write_shard, write_tree
 
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 500,
          "padded_vocab_size": 512}
