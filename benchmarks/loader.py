@@ -8,12 +8,15 @@ Columns:
   midtrain  ShardedMixedDataset's loader (the data order, read by index) over the per-source shards
 Same block, micro-batch and workers for all. Each round runs the loaders back to back (order rotated),
 so a noisy machine affects all alike; the table reports the median over rounds and the ratio to
-``plain``. Then the realised share per source of the midtrain loader against its weights.
+``plain``, and the CPU time (main process plus its loader workers, user + system) per batch, which a
+busy machine disturbs far less than the wall clock. Then the realised share per source of the midtrain
+loader against its weights, and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -42,20 +45,39 @@ def build(root: Path, tokens: int, n: int) -> None:
         write_shard(root / "plain", tokens, seed=99, vocab_size=50_000, chunk_tokens=1 << 21)
 
 
-def timed(loader, batches: int, batch_size: int, block: int, workers: int, on_batch=None) -> float:
-    """Steady-state tokens/s over ``batches`` batches after two from every worker (which pay for start-up);
-    NaN when the loader ends first (litdata's combined stream stops when a small source runs out)."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (the loader workers)."""
+    own = os.times()
+    total = own.user + own.system
+    pid = os.getpid()
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    for child in children:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def timed(loader, batches: int, batch_size: int, block: int, workers: int, on_batch=None) -> tuple[float, float]:
+    """Steady-state tokens/s and CPU ms per batch over ``batches`` batches after two from every worker (which
+    pay for start-up); NaN when the loader ends first (litdata's combined stream stops when a small source
+    runs out)."""
     it = iter(loader)
     for _ in range(2 * max(1, workers)):
         next(it)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
         batch = next(it, None)
         if batch is None:
-            return float("nan")
+            return float("nan"), float("nan")
         if on_batch is not None:
             on_batch(batch)
-    return batches * batch_size * block / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return batches * batch_size * block / wall, 1000 * cpu / batches
 
 
 def plain_loader(root: Path, n: int, block: int, batch_size: int, workers: int):
@@ -92,6 +114,7 @@ def main() -> None:
     parser.add_argument("--combined", action="store_true", help="also time litdata's CombinedStreamingDataset")
     args = parser.parse_args()
 
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for n in args.sources:
@@ -100,6 +123,7 @@ def main() -> None:
             if args.combined:
                 makers["combined"] = combined_loader
             results: dict[str, list[float]] = {name: [] for name in makers}
+            cpu: dict[str, list[float]] = {name: [] for name in makers}
             shares: Counter = Counter()
             for r in range(args.rounds):
                 order = list(makers)[r % len(makers):] + list(makers)[: r % len(makers)]
@@ -108,19 +132,24 @@ def main() -> None:
                     count = None
                     if name == "midtrain":
                         count = lambda b, ld=loader, c=shares: c.update(ld.sources[i].id for i in b["source"].tolist())  # noqa: E731
-                    results[name].append(timed(loader, args.batches, args.batch_size, args.block, args.workers, count))
+                    speed, ms = timed(loader, args.batches, args.batch_size, args.block, args.workers, count)
+                    results[name].append(speed)
+                    cpu[name].append(ms)
 
             base = statistics.median(results["plain"])
             print(f"\n{n} sources, {args.tokens:,} tokens, block {args.block}, batch {args.batch_size}, "
                   f"workers {args.workers}, {args.batches} batches x {args.rounds} rounds (median)")
-            print(f"{'loader':<10} {'tokens/s':>14} {'vs plain':>9}   rounds")
+            print(f"{'loader':<10} {'tokens/s':>14} {'vs plain':>9} {'CPU ms/batch':>13} {'vs plain':>9}   "
+                  "rounds (tokens/s)")
+            base_cpu = statistics.median(cpu["plain"])
             for name, values in results.items():
-                med = statistics.median(values)
+                med, ms = statistics.median(values), statistics.median(cpu[name])
                 runs = ", ".join(f"{v:,.0f}" for v in values)
-                print(f"{name:<10} {med:>14,.0f} {med / base:>8.2f}x   {runs}")
+                print(f"{name:<10} {med:>14,.0f} {med / base:>8.2f}x {ms:>13.2f} {ms / base_cpu:>8.2f}x   {runs}")
             total = sum(shares.values())
             print(f"realised share per source (midtrain, {total:,} samples): "
                   + ", ".join(f"{sid} {w:.3f}/{shares[sid] / total:.3f}" for sid, w in weights_for(n).items()))
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -117,8 +117,13 @@ class MixedStream(IterableDataset):
         datasets = [self.open(s) for s in self.sources]
         ahead = max(1, PLAN_AHEAD // self.ranks.micro_batch)  # micro-batches looked up in one vectorised call
         j = self.first_micro_batch + worker
+        warm = set()
         while True:
             sources, samples, chunks = self.micro_batches(j + workers * np.arange(ahead))
+            for s in set(np.unique(sources).tolist()) - warm:  # a source's first read sets litdata up (~1 ms):
+                first = np.flatnonzero(sources.ravel() == s)[0]  # pay it before the first batch, not inside one
+                datasets[s][ChunkedIndex(int(samples.flat[first]), int(chunks.flat[first]))]
+                warm.add(s)
             for src, ids, chunk in zip(sources, samples, chunks):
                 # litdata's public ChunkedIndex: the sample id plus its chunk (ds[i] would search the chunk linearly)
                 rows = [datasets[s][ChunkedIndex(i, c)] for s, i, c in zip(src.tolist(), ids.tolist(), chunk.tolist())]

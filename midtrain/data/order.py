@@ -108,10 +108,11 @@ def _exact_period(q: tuple[int, ...]) -> np.ndarray:
     ``w * t`` (Tijdeman 1980, the chairman assignment problem), and after ``P`` slots exactly ``q``.
     """
     n_src, period = len(q), sum(q)
+    dtype = np.uint8 if n_src <= 256 else np.int32  # the period travels to every loader worker: keep it small
     if n_src == 1:
-        return np.zeros(period, dtype=np.int32)
+        return np.zeros(period, dtype=dtype)
     k = 2 * n_src - 2  # d = 1 / k; all thresholds scaled by k * q_s to stay in integers
-    out = np.empty(period, dtype=np.int32)
+    out = np.empty(period, dtype=dtype)
     count = [0] * n_src
     pending: list[tuple[int, int]] = []  # (release slot, source)
     ready: list[tuple[float, int]] = []  # (deadline, source)
@@ -136,7 +137,7 @@ class ExactBlend:
     def __init__(self, weights: list[float]) -> None:
         self.q, self.period = integer_shares(weights)
         self.sequence = _exact_period(tuple(int(x) for x in self.q))
-        self.rank = np.empty(self.period, dtype=np.int64)  # occurrences of sequence[i] in sequence[:i]
+        self.rank = np.empty(self.period, dtype=np.int32)  # occurrences of sequence[i] in sequence[:i]
         for s in range(len(self.q)):
             where = np.flatnonzero(self.sequence == s)
             self.rank[where] = np.arange(len(where))
@@ -145,7 +146,7 @@ class ExactBlend:
         """Source of each relative index ``n`` and how many samples that source served before it."""
         cycle, p = np.divmod(n, self.period)
         src = self.sequence[p].astype(np.int64)
-        return src, cycle * self.q[src] + self.rank[p]
+        return src, cycle * self.q[src] + self.rank[p].astype(np.int64)
 
     def counts(self, n: int) -> np.ndarray:
         """Samples per source among relative indices ``[0, n)``."""
