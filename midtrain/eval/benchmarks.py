@@ -111,8 +111,9 @@ def run_benchmarks(
     batch_size: int = 8,
     device: str | None = None,
     preempt: Any = None,
+    known: list[dict] | None = None,
 ) -> list[dict]:
-    """Run every task on every checkpoint not yet in ``rows``; append, write the CSV after each task."""
+    """Run every task on every checkpoint not yet in ``rows`` (or ``known``); append, write ``out`` after each task."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -128,7 +129,7 @@ def run_benchmarks(
         raise MidtrainError(
             f"Unknown lm-eval task(s) {unknown}; list them with `lm-eval ls tasks` (or --include_path)."
         )
-    done = {(r["checkpoint"], r["set"]) for r in rows if r.get("metric")}
+    done = {(r["checkpoint"], r["set"]) for r in [*rows, *(known or [])] if r.get("metric")}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     for checkpoint in checkpoints:
         pending = [t for t in names if (str(checkpoint.path), set_name(t, num_fewshot)) not in done]
