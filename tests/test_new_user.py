@@ -16,7 +16,7 @@ import yaml
 from midtrain.cli import main
 from midtrain.demo.corpus import build_demo_corpus, train_bpe_tokenizer
 from midtrain.eval.efficiency import efficiency
-from midtrain.eval.losses import write_rows
+from midtrain.rundir import write_eval_rows
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 128, "vocab_size": 1024,
@@ -166,7 +166,7 @@ def test_evaluate_csv_feeds_efficiency_through_run_summaries(tmp_path):
             loss = 2.0 + 30.0 / tokens**0.5 - (0.05 if ratio else 0.0)
             rows.append({"checkpoint": str(run / "final"), "step": "", "tokens_seen": "", "set": "sft",
                          "loss": f"{loss:.6f}", "ppl": "", "n_tokens": 100})
-    write_rows(tmp_path / "eval.csv", rows)
+    write_eval_rows(tmp_path / "eval.csv", rows)
     result = efficiency(tmp_path / "eval.csv")
     assert result["baseline"] == "baseline" and result["fit"]["points"] == 4
     replay = [r for r in result["rows"] if r["method"] == "replay_0.25"]

@@ -34,10 +34,10 @@ load_site() {
     [[ "$MIDTRAIN_LOG_DIR" == /* ]] || MIDTRAIN_LOG_DIR="$MIDTRAIN_ROOT/$MIDTRAIN_LOG_DIR"
 }
 
-# expand_configs ARG...: one config per line. ARG is a .yaml file, a directory (its *.yaml, recursive,
+# expand_config_files ARG...: one config per line. ARG is a .yaml file, a directory (its *.yaml, recursive,
 # sorted), a glob in quotes (sorted), or a list file (one path per line, '#' comments; order kept).
 # Relative paths are taken from the current directory. Duplicates are an error (two tasks, one out_dir).
-expand_configs() {
+expand_config_files() {
     local arg line out=()
     for arg in "$@"; do
         if [[ -d "$arg" ]]; then
@@ -65,6 +65,8 @@ expand_configs() {
         echo "$abs"
     done
 }
+
+expand_configs() { expand_config_files "$@"; }  # the items of an array; a *.sbatch may redefine it
 
 # config_field FILE KEY [OVERRIDES...]: a top-level scalar of a config; a '--KEY VALUE' override wins.
 config_field() {
@@ -315,5 +317,47 @@ expand_parts() {
         [[ "$seen" != *" $abs "* ]] || die "input $f is listed twice"
         seen+="$abs "
         echo "$abs"
+    done
+}
+
+# ---- evaluate: one array task per checkpoint when lm-eval tasks run (evaluate.sbatch, submit.sh) ----
+
+# eval_wants_tasks CONFIG: the evaluation runs lm-eval tasks (--tasks among EXTRA_ARGS, or a tasks: key).
+eval_wants_tasks() {
+    local a
+    for a in "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}"; do [[ "$a" == --tasks || "$a" == --tasks=* ]] && return 0; done
+    grep -q '^tasks:' "$1"
+}
+
+# expand_eval_items ARG...: the items of an evaluate array, one per line. A config evaluated by lm-eval tasks
+# gives "CONFIG<TAB>CHECKPOINT" per checkpoint it matches (midtrain evaluate --list_checkpoints, in the site's
+# environment, from MIDTRAIN_ROOT; with EXTRA_ARGS); any other config is one item. @LIST (the list submit.sh
+# froze) is read as it is, so a requeued task runs the same item.
+expand_eval_items() {
+    if [[ $# -eq 1 && "$1" == @* ]]; then
+        [[ -s "${1#@}" ]] || die "no list file ${1#@}"
+        cat "${1#@}"; return
+    fi
+    local configs cfg found line
+    configs="$(expand_config_files "$@")" || exit 2
+    while IFS= read -r cfg; do
+        eval_wants_tasks "$cfg" || { echo "$cfg"; continue; }
+        found="$(cd "$MIDTRAIN_ROOT" && set +u && site_activate && set -u \
+                 && "${MIDTRAIN_CMD:-midtrain}" evaluate --config "$cfg" "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}" \
+                    --list_checkpoints=true | sed -n 's/^checkpoint: //p')" \
+            || die "cannot list the checkpoints of $cfg (midtrain evaluate --list_checkpoints failed; see above)"
+        [[ -n "$found" ]] || die "$cfg matches no checkpoint"
+        while IFS= read -r line; do printf '%s\t%s\n' "$cfg" "$line"; done <<< "$found"
+    done <<< "$configs"
+}
+
+# eval_extra_args: EXTRA_ARGS without --checkpoints (an item's checkpoint replaces them), one per line.
+eval_extra_args() {
+    local skip=0 a
+    for a in "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}"; do
+        if (( skip )); then skip=0; continue; fi
+        [[ "$a" == --checkpoints ]] && { skip=1; continue; }
+        [[ "$a" == --checkpoints=* ]] && continue
+        echo "$a"
     done
 }

@@ -12,6 +12,10 @@
 #   MIDTRAIN_LOG_DIR/KIND-<job id> -> that directory    (a link, made once the job ID is known)
 # so task i runs line i even when a glob would match other files by the time the task starts or is
 # requeued. Then runs `sbatch --array=0-(N-1) --output=<log dir>/%A_%a.out ... KIND.sbatch`.
+# evaluate with lm-eval tasks (--tasks, or a tasks: key): one array task per checkpoint of the config (listed
+# once, here, by `midtrain evaluate --list_checkpoints` in the site's environment), each writing a part CSV;
+# then a merge job (evaluate.sbatch --merge, --dependency=afterany:<array>) adds their rows to the CSV once
+# (its ID in <log dir>/merge_job_id; its log merge-<job>_<task>.out).
 # --dry-run prints the sbatch command and every task's command as the job will run it (devices and
 # nodes from the sbatch request, not from this shell) without submitting or writing anything.
 set -euo pipefail
@@ -26,6 +30,7 @@ kind="$1"; shift
 case "$kind" in pretrain|finetune|evaluate|report|prepare) ;; *) die "unknown job kind $kind (pretrain, finetune, evaluate, report, prepare)" ;; esac
 expand=expand_configs
 [[ "$kind" != prepare ]] || expand=expand_parts
+[[ "$kind" != evaluate ]] || expand=expand_eval_items
 extra_sbatch=() rest=() after_dashes=0
 for arg in "$@"; do
     if (( ! after_dashes )) && [[ "$arg" == --sbatch=* ]]; then extra_sbatch+=("${arg#--sbatch=}"); else rest+=("$arg"); fi
@@ -34,8 +39,14 @@ done
 parse_args "${rest[@]+"${rest[@]}"}"
 load_site
 configs=()
-while IFS= read -r line; do configs+=("$line"); done < <("$expand" "${CONFIG_ARGS[@]}")
+expanded="$("$expand" "${CONFIG_ARGS[@]}")" || exit 2
+while IFS= read -r line; do configs+=("$line"); done <<< "$expanded"
 n=${#configs[@]}
+merges=()  # evaluate: the configs run per checkpoint, whose part CSVs a merge job adds to their CSV
+if [[ "$kind" == evaluate ]]; then
+    while IFS= read -r line; do [[ -z "$line" ]] || merges+=("$line"); done \
+        < <(printf '%s\n' "${configs[@]}" | grep $'\t' | cut -f1 | awk '!seen[$0]++')
+fi
 opts=()
 while IFS= read -r line; do opts+=("$line"); done < <(requested_options "$kind")
 
@@ -68,12 +79,22 @@ else
     job_dir="$MIDTRAIN_LOG_DIR/$kind-$(date -u +%Y%m%d-%H%M%S)-$$"
     list="$job_dir/configs.txt"
 fi
-[[ "$kind" != prepare || "$DRY_RUN" == 1 ]] || list="@$list"
+[[ ( "$kind" != prepare && "$kind" != evaluate ) || "$DRY_RUN" == 1 ]] || list="@$list"
 cmd=(sbatch "${SITE_SBATCH_ARGS[@]+"${SITE_SBATCH_ARGS[@]}"}" "${!kind_args_name+"${!kind_args_name}"}"
      "${extra_sbatch[@]+"${extra_sbatch[@]}"}" --array="0-$((n - 1))" --output="$job_dir/%A_%a.out"
      "$MIDTRAIN_REPO/training_scripts/$kind.sbatch" "${script_args[@]}" "$list" -- "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")
+merge_cmd=()
+if (( ${#merges[@]} )); then
+    merge_list="$job_dir/merge.txt"
+    [[ "$DRY_RUN" != 1 ]] || merge_list="${merges[*]}"
+    merge_cmd=(sbatch "${SITE_SBATCH_ARGS[@]+"${SITE_SBATCH_ARGS[@]}"}" "${!kind_args_name+"${!kind_args_name}"}"
+               "${extra_sbatch[@]+"${extra_sbatch[@]}"}" --dependency=afterany:JOB --array="0-$((${#merges[@]} - 1))"
+               --output="$job_dir/merge-%A_%a.out" "$MIDTRAIN_REPO/training_scripts/evaluate.sbatch"
+               "${script_args[0]}" --merge "${script_args[@]:1}" "@$merge_list" -- "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")
+fi
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "${cmd[*]}"
+    (( ${#merge_cmd[@]} == 0 )) || echo "${merge_cmd[*]/afterany:JOB/afterany:<job id>}"
     # what each task will run: no SLURM_* of this shell (an interactive allocation) may leak into it
     env $(compgen -e | grep '^SLURM_' | sed 's/^/-u /') DRY_RUN=1 \
         bash "$MIDTRAIN_REPO/training_scripts/$kind.sbatch" "${script_args[@]}" "${CONFIG_ARGS[@]}" -- "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}"
@@ -88,3 +109,11 @@ job_id="${out%%;*}"
 echo "$job_id" > "$job_dir/job_id"
 ln -sfn "$(basename "$job_dir")" "$MIDTRAIN_LOG_DIR/$kind-$job_id"
 echo "Submitted $kind job $job_id: $n task(s); configs and logs in $MIDTRAIN_LOG_DIR/$kind-$job_id/"
+if (( ${#merge_cmd[@]} )); then
+    printf '%s\n' "${merges[@]}" > "$merge_list"
+    merge_cmd=("${merge_cmd[@]/afterany:JOB/afterany:$job_id}")
+    printf '%q ' "${merge_cmd[@]}" >> "$job_dir/submit.txt"; echo >> "$job_dir/submit.txt"
+    out="$(sbatch --parsable "${merge_cmd[@]:1}")" || die "sbatch of the merge job failed; merge later with: midtrain evaluate --config CONFIG --merge true"
+    echo "${out%%;*}" > "$job_dir/merge_job_id"
+    echo "Submitted evaluate merge job ${out%%;*} (after $job_id): adds the part CSVs of ${#merges[@]} config(s) to their CSV"
+fi

@@ -42,8 +42,9 @@ import yaml
 from midtrain.cli import run
 from midtrain.demo import claims as C
 from midtrain.errors import MidtrainError
-from midtrain.eval.losses import read_rows, write_rows
 from midtrain.rundir import SUMMARY_FILE, read_json
+from midtrain.rundir import read_eval_rows as read_rows
+from midtrain.rundir import write_eval_rows as write_rows
 
 MODEL = {"name": "demo-tiny", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128,
          "vocab_size": 4096, "padded_vocab_size": 4096, "bias": True}

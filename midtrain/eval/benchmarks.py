@@ -26,7 +26,7 @@ import yaml
 
 from midtrain.errors import MidtrainError
 from midtrain.preemption import EXIT_PREEMPTED
-from midtrain.rundir import MODEL_CONFIG_FILE, TOKENIZER_FILES
+from midtrain.rundir import MODEL_CONFIG_FILE, TOKENIZER_FILES, write_eval_rows
 from midtrain.train.hf_config import HF_CONFIG_FILE, hf_config_json
 
 if TYPE_CHECKING:
@@ -110,13 +110,12 @@ def run_benchmarks(
     batch_size: int = 8,
     device: str | None = None,
     preempt: Any = None,
+    known: list[dict] | None = None,
 ) -> list[dict]:
-    """Run every task on every checkpoint not yet in ``rows``; append, write the CSV after each task."""
+    """Run every task on every checkpoint not yet in ``rows`` (or ``known``); append, write ``out`` after each task."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-
-    from midtrain.eval.losses import write_rows
 
     names = parse_tasks(tasks)
     if include_path is not None and not Path(include_path).is_dir():
@@ -127,7 +126,7 @@ def run_benchmarks(
         raise MidtrainError(
             f"Unknown lm-eval task(s) {unknown}; list them with `lm-eval ls tasks` (or --include_path)."
         )
-    done = {(r["checkpoint"], r["set"]) for r in rows if r.get("metric")}
+    done = {(r["checkpoint"], r["set"]) for r in [*rows, *(known or [])] if r.get("metric")}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     for checkpoint in checkpoints:
         pending = [t for t in names if (str(checkpoint.path), set_name(t, num_fewshot)) not in done]
@@ -140,7 +139,7 @@ def run_benchmarks(
                 log_samples=False, random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234,
             )  # fmt: skip
             rows += metric_rows(checkpoint, set_name(task, num_fewshot), result)
-            write_rows(out, rows)
+            write_eval_rows(out, rows)
             print(f"evaluate: {task} on {checkpoint.path} -> {out}")
             if preempt is not None and preempt.requested:
                 print(

@@ -19,16 +19,24 @@ already scored survive an error or a kill later in the sweep.
 A preemption signal (SLURM's ``--signal=USR1@...``) finishes the row being scored, writes the CSV
 and exits with status 75, on which ``training_scripts/evaluate.sbatch`` requeues; the rerun skips
 the rows already written.
+
+Concurrent jobs never write one CSV: with ``--part NAME`` the rows go to ``<out stem>.part-NAME.csv``
+next to ``out`` (skipping rows already in ``out`` or in that part), and ``--merge`` adds the rows of
+every part to ``out`` once, under a lock, by the same rule, then deletes the parts
+(``training_scripts/submit.sh evaluate`` runs an array task per checkpoint, then one merge job).
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import math
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,10 +64,10 @@ from midtrain.rundir import (
     TRAIN_STATE_FILE,
     has_tokenizer,
     is_complete,
+    read_eval_rows,
     read_train_state,
+    write_eval_rows,
 )
-from midtrain.rundir import read_eval_rows as read_rows
-from midtrain.rundir import write_eval_rows as write_rows
 from midtrain.storage import is_remote, location
 from midtrain.train.loss import micro_batch_loss
 from midtrain.train.runtime import PreemptionFlag, build_fabric, load_initial_weights
@@ -275,6 +283,54 @@ def checkpoint_tokenizer(checkpoint: Checkpoint, tokenizer_dir: Path | None) -> 
 
 
 # ---------------------------------------------------------------------------------------- CSV
+def part_path(out: Path, name: str) -> Path:
+    """The part CSV ``name`` of ``out``: ``<stem>.part-<name><suffix>`` next to it."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise MidtrainError(f"--part {name!r}: use letters, digits, '_', '-', '.' only (e.g. the SLURM job and task).")
+    return Path(out).with_name(f"{Path(out).stem}.part-{name}{Path(out).suffix}")
+
+
+def _row_key(row: dict) -> tuple[str, str, str]:
+    """What makes a row unique in a CSV: a loss row per (checkpoint, set), a score per (checkpoint, set, metric)."""
+    return row["checkpoint"], row["set"], row.get("metric") or ""
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    lock = Path(out).with_name(f".{Path(out).name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def merge_parts(out: Path) -> int:
+    """Add to ``out`` the rows of its part CSVs that it lacks, then delete those parts; the rows added.
+
+    Runs under a lock file next to ``out``; a part rewritten while being merged is kept for the next merge.
+    """
+    out = Path(out)
+    parts = sorted(out.parent.glob(f"{out.stem}.part-*{out.suffix}"))
+    with _locked(out):
+        rows = read_eval_rows(out)
+        seen = {_row_key(r) for r in rows}
+        stamps, added = {}, 0
+        for part in parts:
+            stamps[part] = part.stat().st_mtime_ns
+            for row in read_eval_rows(part):
+                if _row_key(row) not in seen:
+                    seen.add(_row_key(row))
+                    rows.append(row)
+                    added += 1
+        if added or not out.exists():
+            write_eval_rows(out, rows)
+        for part, stamp in stamps.items():
+            if part.stat().st_mtime_ns == stamp:
+                part.unlink()
+    print(f"evaluate: merged {len(parts)} part(s) into {out}: {added} new row(s).")
+    return added
+
+
 def no_tokens_error(checkpoint: Checkpoint, val_set: ValSet, seq_len: int, needed: int | None) -> MidtrainError:
     """The error for a set that scored nothing; ``needed``: the length that scores every SFT example in full."""
     fix = f"--max_seq_length {min(needed, _block_size(checkpoint))}" if needed else "--max_seq_length N (longer)"
@@ -318,7 +374,7 @@ class EvalOptions:
 
 
 def evaluate(
-    checkpoints: list[str] | str,
+    checkpoints: list[str] | str | None = None,
     val: list[str] | str | dict[str, str] | None = None,
     out: Path = Path("eval.csv"),
     max_samples: int | None = 512,
@@ -335,6 +391,9 @@ def evaluate(
     limit: float | None = None,
     include_path: Path | None = None,
     preemption_signal: str | None = "SIGUSR1",
+    part: str | None = None,
+    merge: bool = False,
+    list_checkpoints: bool = False,
 ) -> list[dict] | None:
     """Validation loss and perplexity of each checkpoint on each set, appended to one CSV.
 
@@ -363,23 +422,39 @@ def evaluate(
         include_path: Directory of extra task YAMLs (local, offline tasks).
         preemption_signal: Signal that finishes the current row, writes the CSV and exits with status 75
             (the sbatch script requeues; the rerun skips written rows), or None.
+        part: Write the rows to the part CSV ``<out stem>.part-<part>.csv`` next to ``out`` instead, skipping
+            rows already in ``out`` or in that part: concurrent jobs never write one file (SLURM arrays).
+        merge: Only add the rows of ``out``'s part CSVs that ``out`` lacks (same checkpoint, set and metric),
+            once, under a lock, and delete the parts; nothing is scored.
+        list_checkpoints: Only print the matched checkpoints (``checkpoint: PATH`` lines); nothing is scored.
 
     Returns:
         All rows of the CSV (on rank 0; None on other ranks).
     """
-    sets = parse_val_sets(val) if val or not tasks else []
+    if merge:
+        merge_parts(Path(out))
+        return read_eval_rows(Path(out))
+    if not checkpoints:
+        raise MidtrainError("No checkpoints given; use --checkpoints 'runs/x/step-*' (globs or run directories).")
     found = find_checkpoints(checkpoints)
+    if list_checkpoints:
+        print("".join(f"checkpoint: {c.path}\n" for c in found), end="")
+        return None
+    sets = parse_val_sets(val) if val or not tasks else []
     if tasks:
         parse_tasks(tasks)  # fails before any scoring when lm-eval is missing
     if precision is None and (accelerator == "cpu" or not torch.cuda.is_available()):
         precision = "32-true"
     fabric = build_fabric(devices, 1, precision, strategy="ddp", accelerator=accelerator)
     options = EvalOptions(max_samples, batch_size, max_seq_length, tokenizer_dir, prompt_style, mask_prompt)
-    rows = fabric.launch(_evaluate_all, found, sets, Path(out), options, preemption_signal) if sets else read_rows(out)
+    target = part_path(Path(out), part) if part else Path(out)
+    known = read_eval_rows(Path(out)) if part else []  # rows in the merged CSV count as done
+    rows = (fabric.launch(_evaluate_all, found, sets, target, options, preemption_signal, known) if sets
+            else read_eval_rows(target))  # fmt: skip
     if tasks and fabric.global_rank == 0:
         rows = run_benchmarks(
-            found, tasks, Path(out), rows, num_fewshot, limit, include_path, batch_size,
-            "cpu" if accelerator == "cpu" else None, PreemptionFlag(preemption_signal),
+            found, tasks, target, rows, num_fewshot, limit, include_path, batch_size,
+            "cpu" if accelerator == "cpu" else None, PreemptionFlag(preemption_signal), known,
         )  # fmt: skip
     return rows
 
@@ -391,10 +466,11 @@ def _evaluate_all(
     out: Path,
     options: EvalOptions,
     preemption_signal: str | None,
+    known: list[dict],
 ) -> list[dict] | None:
     preempt = PreemptionFlag(preemption_signal)  # in each process (launch may spawn them)
-    rows = read_rows(out)
-    done = {(r["checkpoint"], r["set"]) for r in rows if not r.get("metric")}
+    rows = read_eval_rows(out)
+    done = {(r["checkpoint"], r["set"]) for r in rows + known if not r.get("metric")}
     todo = {c: [s for s in sets if (str(c.path), s.name) not in done] for c in checkpoints}
     skipped = len(checkpoints) * len(sets) - sum(map(len, todo.values()))
     fabric.print(f"evaluate: {len(checkpoints)} checkpoints x {len(sets)} sets; {skipped} rows already in {out}.")
@@ -423,7 +499,7 @@ def _evaluate_all(
                 raise no_tokens_error(checkpoint, val_set, seq_len, needed)
             rows.append(make_row(checkpoint, val_set.name, loss_sum, n_tokens))
             if fabric.global_rank == 0:
-                write_rows(out, rows)  # each row as it is scored: an error or kill later keeps it
+                write_eval_rows(out, rows)  # each row as it is scored: an error or kill later keeps it
             bar.set_postfix_str(f"{checkpoint.path.name} {val_set.name} loss {rows[-1]['loss']}")
             bar.update()
             if preempt.agreed(fabric):
