@@ -14,6 +14,14 @@ import yaml
 from midtrain.cli import _prepare_args, run
 from midtrain.errors import MidtrainError
 from midtrain.migrate import FORK_HORIZON, fork_fields, migrate
+from tests.synthetic import write_tree
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """Shards whose token ids fit the smallest model here (256): inspect checks ids against the vocabulary."""
+    return write_tree(tmp_path / "data", {"1": 40_000, "2": 20_000, "c1": 12_000, "m1": 3_000}, vocab_size=256,
+                      chunk_tokens=1_700)  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]
 

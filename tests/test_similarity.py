@@ -238,7 +238,6 @@ def test_cli_mixture_form_with_a_data_path(world, tmp_path):
     assert written["proximity_advantage"]["ngram_cosine_avg"] > 0  # code pulls the mixture toward the code-like set
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26 item 1")
 def test_cli_mixture_form_of_the_readme(world, tmp_path):
     """``--a DATA_PATH:main --b SFT --mixture main:0.8,code:0.2``, as README's command table writes it."""
     out = tmp_path / "sim.json"

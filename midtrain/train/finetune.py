@@ -45,6 +45,7 @@ from midtrain.preemption import shielded_iter
 from midtrain.rundir import tokenizer_fingerprint
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
+from midtrain.train.ownership import release
 from midtrain.train.runtime import (
     PreemptionFlag,
     Start,
@@ -114,7 +115,10 @@ def setup(
     fabric._loggers = [
         build_logger(logger_name, out_dir, name=f"finetune-{cfg.model.name}", log_interval=train.log_interval)
     ]
-    fabric.launch(main, cfg)
+    try:
+        fabric.launch(main, cfg)
+    finally:
+        release(cfg.out_dir)  # the next command of this process (a test, an experiment worker) may own it
 
 
 def main(fabric: L.Fabric, cfg: FinetuneConfig) -> None:

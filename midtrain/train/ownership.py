@@ -2,7 +2,7 @@
 and broadcasts it to the other ranks.
 
 **Ownership.** Rank 0 holds an exclusive ``flock`` on ``.<out_dir name>.owner.lock`` next to ``out_dir`` as long
-as its process lives, and writes who it is into the file (SLURM job id, host, pid, start time). A second start on the
+as its command runs, and writes who it is into the file (SLURM job id, host, pid, start time). A second start on the
 same ``out_dir`` (a manual resubmit while the requeued task is pending; two configs with one
 ``out_dir``) cannot take the lock and stops at once, naming the owner. The kernel drops the lock
 when the owner dies however it dies (``kill -9``; on a node loss, when the file server notices), so
@@ -104,6 +104,14 @@ def claim(out_dir: Path | str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, record, 0)
     _held[path] = fd
+
+
+def release(out_dir: Path | str) -> None:
+    """Give up ownership of ``out_dir`` (the command is over; the process may run another, e.g. an experiment
+    worker or a test); a no-op where this process does not own it."""
+    fd = _held.pop(lock_file(Path(out_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
 
 
 def shared_start(fabric: Any, resolve: Any, out_dir: Path) -> Any:

@@ -28,6 +28,7 @@ from midtrain.preemption import shielded_iter
 from midtrain.rundir import MIXTURE_HISTORY_FILE, write_json
 from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
+from midtrain.train.ownership import release
 from midtrain.train.runtime import (
     PreemptionFlag,
     Start,
@@ -91,7 +92,10 @@ def setup(
     fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
     logger = build_logger(logger_name, out_dir, name=f"pretrain-{cfg.model.name}", log_interval=train.log_interval)
     fabric._loggers = [logger]
-    fabric.launch(main, cfg)
+    try:
+        fabric.launch(main, cfg)
+    finally:
+        release(cfg.out_dir)  # the next command of this process (a test, an experiment worker) may own it
 
 
 def main(fabric: L.Fabric, cfg: PretrainConfig) -> None:
