@@ -154,7 +154,7 @@ def test_litgpt_field_names_are_translated_with_a_note(tree: Path, tmp_path: Pat
     assert f"train.max_tokens: 100,000 -> train.max_steps: {steps}" in out
     assert "eval.max_iters: 5 -> eval.max_samples: 20" in out  # 5 batches of 2 on each of 2 devices
     assert "eval.max_new_tokens dropped" in out
-    assert f"run: {steps} steps x 8 sequences x 32 tokens" in out
+    assert f"run: {steps} steps (1..{steps}) x 8 sequences x 32 tokens" in out
     assert sum(r.planned_tokens for r in rows) == steps * 8 * 32
 
 
