@@ -79,3 +79,23 @@ def test_a_set_written_as_a_mapping_is_checked(corpus, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(MidtrainError, match=r"paht"):
         load(path)
+
+
+def test_a_claim_can_name_a_benchmark_metric(corpus, tmp_path):
+    import yaml
+
+    from midtrain.errors import MidtrainError
+    from midtrain.experiment.spec import load
+
+    root, sft = Path(corpus["data_path"]), corpus["sft"]
+    dirs, _ = _sft_data(root, sft, tmp_path / "sft_data", [0.25, 0.5, 1.0], seed=0)
+    path = demo_experiment(tmp_path, root, sft, dirs, 200, 100, 400, 768, 1)
+    spec = yaml.safe_load(path.read_text())
+    spec["evaluate"]["tasks"] = ["demo_mc"]
+    spec["report"] = {"claims": ["timing", {"claim": "midtrain_vs_base", "metric": "demo_mc/acc"}]}
+    path.write_text(yaml.safe_dump(spec))
+    assert load(path).report.claims[1] == {"claim": "midtrain_vs_base", "metric": "demo_mc/acc"}
+    spec["report"]["claims"][1]["metric"] = "arc_easy/acc"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(MidtrainError, match=r"report.claims.midtrain_vs_base.metric: task 'arc_easy' is not among"):
+        load(path)

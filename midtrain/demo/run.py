@@ -4,9 +4,9 @@
    code SFT set whose every example scores (``midtrain.demo.corpus``), the SFT data directories and a
    local multiple-choice benchmark task from the SFT validation set (``write_choice_task``);
 2. write the demo's experiment file (``<out>/demo.yaml``) and run it with ``midtrain experiment run``'s
-   executor (``midtrain.experiment.local``): pretrain a tiny GPT on general prose (``base``, 400 steps,
-   run as segments that stop at steps 100 and 200); branch at step 200 into midtraining with 20% code
-   (``code20``), 50% code (``code50``) and continued pretraining on 100% code (``cpt``), and at step 100
+   executor (``midtrain.experiment.local``): pretrain a tiny GPT on general prose (``base``, 300 steps,
+   run as segments that stop at steps 75 and 150); branch at step 150 into midtraining with 20% code
+   (``code20``), 50% code (``code50``) and continued pretraining on 100% code (``cpt``), and at step 75
    into 20% code (``code20-early``, the timing ablation); every branch trains to the same last step.
    Every branch (and ``base``, the prose-only run) is fine-tuned on the code SFT set with 2 seeds; for
    replay data efficiency (the replay paper's design) ``base`` is also fine-tuned on 1/4 and 1/2 of the
@@ -197,10 +197,10 @@ def _sft_runs(p, data_dirs: dict[int, Path]) -> list[SFTRun]:  # p: midtrain.exp
 
 def demo(
     out: Path = Path("demo_out"),
-    branch_step: int = 200,
+    branch_step: int = 150,
     early_step: int | None = None,
-    max_steps: int = 400,
-    sft_sequences: int = 768,
+    max_steps: int = 300,
+    sft_sequences: int = 512,
     efficiency_fractions: list[float] | None = None,
     sft_seeds: int = 2,
     processes: int | None = None,
@@ -222,7 +222,7 @@ def demo(
     """
     from midtrain.demo.corpus import build_demo_corpus
     from midtrain.eval.benchmarks import write_choice_task
-    from midtrain.experiment.generate import plan
+    from midtrain.experiment.generate import check_unchanged, plan
     from midtrain.experiment.local import run_local
     from midtrain.experiment.spec import load
     from midtrain.train.checkpoints import FINAL_DIR, checkpoint_name
@@ -240,7 +240,7 @@ def demo(
     if processes < 1:
         raise MidtrainError(f"processes must be >= 1, got {processes}.")
     out = Path(out)
-    for stale in ("experiment", "report", "sft_data", "configs", "tasks", "demo.yaml", "eval.csv", "before_sft.csv",
+    for stale in ("report", "sft_data", "configs", "tasks", "demo.yaml", "eval.csv", "before_sft.csv",
                   "benchmarks.csv", "efficiency.csv", "efficiency.json"):  # fmt: skip
         if (out / stale).exists():  # the demo's own outputs of an earlier run
             print(f"removing {out / stale} from an earlier demo run")
@@ -259,11 +259,16 @@ def demo(
 
     p = plan(load(exp_file))
     root = p.exp.root
+    try:
+        check_unchanged(p)  # an earlier demo with the same settings: its finished runs are kept, not rerun
+    except MidtrainError:
+        print(f"removing {root}: an earlier demo ran with other settings")
+        shutil.rmtree(root)
     sft_runs = _sft_runs(p, data_dirs)
     progress.phase(f"midtrain experiment run {exp_file} --jobs {processes}: {len(p.nodes)} nodes (base to step "
                    f"{max_steps} in segments; branches {', '.join(f'{b.name}@{b.at_step}' for b in p.exp.branches)}; "
                    f"{len(sft_runs)} SFT runs, each evaluated when it ends)")
-    run_local(p, processes)
+    run_local(p, processes, reuse_processes=True)
 
     finals = {BASE: root / "runs" / BASE / FINAL_DIR} | {b.name: root / "runs" / b.name / FINAL_DIR
                                                          for b in p.exp.branches}  # fmt: skip

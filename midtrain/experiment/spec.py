@@ -83,7 +83,8 @@ class Report:
 
     in_domain: str = "sft"
     general: str | None = None
-    claims: tuple[str, ...] = ()
+    claims: tuple[str | dict[str, str], ...] = ()
+    """Claim names, or ``{claim: NAME, metric: TASK/METRIC}`` to judge a claim on a benchmark metric."""
 
 
 @dataclass(frozen=True)
@@ -272,14 +273,31 @@ def _evaluate(src: Path, raw: Any) -> Evaluate | None:
     return Evaluate(_paths(src, "evaluate.val", raw["val"]), tasks, options)
 
 
-def _report(src: Path, raw: Any) -> Report | None:
+def _claim_metric(src: Path, claim: dict, tasks: tuple[str, ...]) -> None:
+    """A claim written ``{claim: NAME, metric: "TASK/METRIC"}``: judged on a benchmark metric of ``evaluate.tasks``."""
+    where = f"report.claims.{claim['claim']}"
+    for key in claim:
+        if key not in ("claim", "metric"):
+            raise MidtrainError(f"{src}: {unknown_key(f'{where}.', str(key), ['claim', 'metric'])}")
+    metric = claim.get("metric")
+    task, _, name = str(metric).partition("/")
+    if not isinstance(metric, str) or not name:
+        raise _err(src, f"{where}.metric", f"expected TASK/METRIC (e.g. 'arc_easy/acc'), got {metric!r}")
+    if task not in tasks:
+        raise _err(src, f"{where}.metric", f"task {task!r} is not among evaluate.tasks {list(tasks)}; add it there")
+
+
+def _report(src: Path, raw: Any, tasks: tuple[str, ...] = ()) -> Report | None:
     if raw is None:
         return None
     raw = _mapping(src, "report", raw, Report)
     claims = tuple(_list(raw.get("claims") or []))
     for c in claims:
-        if c not in CLAIMS:
-            raise _err(src, "report.claims", f"unknown claim {c!r}; valid: {', '.join(CLAIMS)}")
+        name = c.get("claim") if isinstance(c, dict) else c
+        if name not in CLAIMS:
+            raise _err(src, "report.claims", f"unknown claim {name!r}; valid: {', '.join(CLAIMS)}")
+        if isinstance(c, dict):
+            _claim_metric(src, c, tasks)
     general = raw.get("general")
     return Report(_str(src, "report.in_domain", raw.get("in_domain", "sft")),
                   None if general is None else _str(src, "report.general", general), claims)
@@ -311,4 +329,5 @@ def load(path: Path | str) -> Experiment:
     if evaluate is not None and finetune is None:
         raise _err(src, "evaluate", "evaluates the fine-tuned models; add a finetune section")
     return Experiment(_name(src, "name", raw["name"]), Path(_str(src, "root", raw["root"])), _base(src, raw["base"]),
-                      branches, finetune, evaluate, _report(src, raw.get("report")), src)
+                      branches, finetune, evaluate,
+                      _report(src, raw.get("report"), evaluate.tasks if evaluate else ()), src)
