@@ -12,9 +12,10 @@
    replay data efficiency (the replay paper's design) ``base`` is also fine-tuned on 1/4 and 1/2 of the
    SFT set without and with 25% prose replay, and on all of it with replay. Every SFT run consumes the
    same number of target sequences (smaller sets repeat more epochs; replay comes on top) and is
-   evaluated by ``midtrain evaluate`` on the one SFT validation set and on held-out prose (forgetting);
-3. ``midtrain evaluate``: every branch's ``final/`` on the same sets (before SFT) and every model on the
-   benchmark task (lm-eval, offline, ``--include_path``);
+   evaluated by ``midtrain evaluate`` on the one SFT validation set and on held-out prose (forgetting)
+   as soon as it ends;
+3. ``midtrain evaluate``: every branch's ``final/`` on the same sets (before SFT), and the plain SFT runs
+   on the benchmark task (lm-eval, offline, ``--include_path``; the validation examples whose answer fits);
 4. ``midtrain efficiency``: fit loss(x) = A / x^B + C to the runs without replay, multiplier of replay;
 5. write the report: plots, budgets beside losses, the SFT table, the fit, benchmarks, the claims.
 
@@ -187,6 +188,21 @@ def demo_experiment(out: Path, corpus: Path, sft: dict, data_dirs: dict[int, Pat
     return _write(out / "demo.yaml", exp)
 
 
+def _short_answers(corpus: Path, sft: dict, path: Path) -> Path:
+    """The SFT validation records whose answer fits in half the sequence length (lm-eval refuses answers longer
+    than the model's context), as a JSON file for ``write_choice_task``."""
+    from litgpt.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(corpus / "tokenizer")
+    records = json.loads((corpus / sft["val"]).read_text(encoding="utf-8"))
+    short = [r for r in records if len(tokenizer.encode(r["output"])) <= sft["max_seq_length"] // 2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(short, indent=1), encoding="utf-8")
+    print(f"benchmark {TASK}: {len(short)} of {len(records)} SFT validation examples (answers of at most "
+          f"{sft['max_seq_length'] // 2} tokens), 4 choices each")
+    return path
+
+
 def _sft_runs(p, data_dirs: dict[int, Path]) -> list[SFTRun]:  # p: midtrain.experiment.generate.Plan
     full = max(data_dirs)
     sizes = {_set_name(x, full): x for x in data_dirs} | {f"{SFT_SET}-x{full}": full}
@@ -253,7 +269,8 @@ def demo(
     print(f"corpus: shards {info['shards']}; code SFT {sft['examples']} train / {sft['val_examples']} val examples")
     data_dirs, scored = _sft_data(corpus, sft, out / "sft_data", fractions, seed)
     print(f"SFT samples that score: {scored['text']}")
-    write_choice_task(corpus / sft["val"], out / "tasks", TASK, prompt_style=sft["prompt_style"])
+    write_choice_task(_short_answers(corpus, sft, out / "tasks" / f"{TASK}_source.json"), out / "tasks", TASK,
+                      prompt_style=sft["prompt_style"])  # fmt: skip
     exp_file = demo_experiment(out, corpus, sft, data_dirs, branch_step, early_step, max_steps, sft_sequences,
                                sft_seeds)  # fmt: skip
 
@@ -274,16 +291,17 @@ def demo(
                                                          for b in p.exp.branches}  # fmt: skip
     starts = {BASE: root / "runs" / BASE / checkpoint_name(branch_step)}
     starts |= {b.name: root / "runs" / BASE / checkpoint_name(b.at_step) for b in p.exp.branches}
-    progress.phase(f"midtrain evaluate: the branches before SFT on the same sets; every model on the {TASK} "
+    progress.phase(f"midtrain evaluate: the branches before SFT on the same sets; the plain SFT runs on the {TASK} "
                    "benchmark (lm-eval, offline)")
-    val_args = [f"--val=sft={corpus / sft['val']}", f"--val=main={corpus / 'val' / 'main'}", "--max_samples", "64",
-                "--prompt_style", sft["prompt_style"], "--max_seq_length", str(sft["max_seq_length"]),
-                "--accelerator", "cpu"]  # fmt: skip
-    task_args = ["--tasks", TASK, "--include_path", str(out / "tasks")]
-    run("evaluate", ["--checkpoints", *map(str, finals.values()), "--out", str(out / "before_sft.csv"),
-                     *val_args, *task_args])  # fmt: skip
-    run("evaluate", ["--checkpoints", *(str(j.dir / FINAL_DIR) for j in sft_runs), "--out",
-                     str(out / "benchmarks.csv"), "--accelerator", "cpu", *task_args])  # fmt: skip
+    from midtrain.eval.losses import evaluate
+
+    val = {"sft": str(corpus / sft["val"]), "main": str(corpus / "val" / "main")}
+    evaluate([str(f) for f in finals.values()], val=val, out=out / "before_sft.csv", max_samples=64,
+             accelerator="cpu", prompt_style=sft["prompt_style"], max_seq_length=sft["max_seq_length"])
+    full = max(data_dirs)
+    scored_runs = [j for j in sft_runs if j.examples == full and not j.ratio]  # the ones the claims compare
+    evaluate([str(j.dir / FINAL_DIR) for j in scored_runs], out=out / "benchmarks.csv", accelerator="cpu",
+             tasks=TASK, include_path=out / "tasks")
 
     progress.phase("midtrain efficiency: fitting loss(x) = A / x^B + C to the plain SFT runs of "
                    f"{EFFICIENCY_BRANCH}, multiplier of replay")
@@ -305,7 +323,6 @@ def demo(
     progress.phase("writing the report")
     from midtrain.report.report import report
 
-    full = max(data_dirs)
     main_runs = [j for j in sft_runs if j.examples == full and not j.ratio]
     report_runs = [root / "runs" / BASE, *(root / "runs" / b.name for b in p.exp.branches), *(j.dir for j in main_runs)]
     report_md = Path(report([str(r) for r in report_runs], out=report_dir, in_domain="sft", general="main",
