@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import pytest
 
 from midtrain.demo.corpus import build_demo_corpus
-from midtrain.demo.run import Job, Progress, _run_jobs, _sft_data
-from midtrain.errors import MidtrainError
+from midtrain.demo.run import _sft_data, demo_experiment
 
-pytestmark = pytest.mark.slow  # spawns training processes (a process pool)
+pytestmark = pytest.mark.slow  # builds a demo corpus and its tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -38,30 +34,68 @@ def test_sft_data_scores_every_sample_and_shares_one_validation_set(corpus, tmp_
     assert f"max_seq_length {sft['max_seq_length']}" in scored["text"]
 
 
-def _efficiency_rows(path: Path) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["target_examples", "loss", "method"])
-        writer.writeheader()
-        for x, loss in ((10, 3.0), (20, 2.5), (40, 2.2), (80, 2.05)):
-            writer.writerow({"target_examples": x, "loss": loss, "method": "sft"})
-    return path
+def test_the_demo_is_an_experiment_file_with_the_timing_and_percentage_branches(corpus, tmp_path):
+    from midtrain.experiment.generate import plan
+    from midtrain.experiment.spec import load
+
+    root, sft = Path(corpus["data_path"]), corpus["sft"]
+    dirs, _ = _sft_data(root, sft, tmp_path / "sft_data", [0.25, 0.5, 1.0], seed=0)
+    p = plan(load(demo_experiment(tmp_path, root, sft, dirs, 200, 100, 400, 768, 2)))
+    by_name = {n.name: n for n in p.nodes}
+    # the base run stops at both branch steps; each branch waits only for the segment that writes its checkpoint
+    assert by_name["code20-early"].deps == ("base-to100",) and by_name["code20"].deps == ("base-to200",)
+    assert p.configs["code20-early"]["resume"].endswith("step-00000100")
+    assert p.configs["code50"]["data"]["init_args"]["mix_weights_str"] == "main:0.5,code:0.5"
+    plain = [n for n in p.nodes if n.kind == "finetune" and n.params["set"] == "code"]
+    assert {(n.params["target"], n.params["seed"]) for n in plain} == {
+        (t, s) for t in ("base", "code20", "code50", "cpt", "code20-early") for s in (42, 43)}
+    assert all(n.params["ratio"] == 0 for n in plain)
+    eff = [n for n in p.nodes if n.kind == "finetune" and n.params["set"] != "code"]
+    assert {n.params["target"] for n in eff} == {"base"} and len(eff) == 2 * (len(dirs) - 1) + 1
+    # every SFT run consumes the same number of target sequences: smaller sets repeat more epochs
+    for n in plain + eff:
+        cfg = p.configs[n.name]
+        examples = len(json.loads((Path(cfg["data"]["init_args"]["json_path"]) / "train.json").read_text()))
+        assert cfg["epochs"] * examples == pytest.approx(768)
+        assert ("replay" in cfg) == bool(n.params["ratio"])
+    assert all(n.deps == (n.name[: -len("/eval")],) for n in p.nodes if n.kind == "evaluate")
 
 
-def test_jobs_run_after_their_dependencies_and_failures_name_the_log(tmp_path, capsys):
-    results = _efficiency_rows(tmp_path / "results.csv")
-    first = ["--results", str(results), "--x_col", "target_examples", "--out", str(tmp_path / "first.csv")]
-    # the second job reads the first job's output: it can only succeed after the first one ended
-    second = ["--results", str(tmp_path / "first.csv"), "--x_col", "x", "--out", str(tmp_path / "second.json")]
-    jobs = [Job("second", "reads first.csv", [("efficiency", second)], after=("first",)),
-            Job("first", "fit", [("efficiency", first)])]
-    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        timings = _run_jobs(pool, 2, 1, jobs, tmp_path / "logs", Progress(1))
-        assert list(timings) == ["first", "second"] and json.loads((tmp_path / "second.json").read_text())["fit"]
-        assert "$ midtrain efficiency" in (tmp_path / "logs" / "first.log").read_text()
-        assert "done second" in capsys.readouterr().out
+def test_a_set_written_as_a_mapping_is_checked(corpus, tmp_path):
+    from midtrain.errors import MidtrainError
+    from midtrain.experiment.spec import load
 
-        broken = [Job("broken", "no input", [("efficiency", ["--results", str(tmp_path / "nothing.csv")])])]
-        with pytest.raises(MidtrainError, match=r"demo job broken failed .*does not exist.*logs/broken\.log"):
-            _run_jobs(pool, 2, 1, broken, tmp_path / "logs", Progress(1))
-        with pytest.raises(MidtrainError, match="wait for jobs that do not exist"):
-            _run_jobs(pool, 2, 1, [Job("orphan", "", [], after=("nobody",))], tmp_path / "logs", Progress(1))
+    root, sft = Path(corpus["data_path"]), corpus["sft"]
+    dirs, _ = _sft_data(root, sft, tmp_path / "sft_data", [0.25, 0.5, 1.0], seed=0)
+    path = demo_experiment(tmp_path, root, sft, dirs, 200, 100, 400, 768, 1)
+    import yaml
+
+    spec = yaml.safe_load(path.read_text())
+    spec["finetune"]["sets"]["code"]["branches"] = ["nowhere"]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(MidtrainError, match=r"finetune.sets.code.branches: 'nowhere' is not a branch; valid: base"):
+        load(path)
+    spec["finetune"]["sets"]["code"] = {"paht": "x"}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(MidtrainError, match=r"paht"):
+        load(path)
+
+
+def test_a_claim_can_name_a_benchmark_metric(corpus, tmp_path):
+    import yaml
+
+    from midtrain.errors import MidtrainError
+    from midtrain.experiment.spec import load
+
+    root, sft = Path(corpus["data_path"]), corpus["sft"]
+    dirs, _ = _sft_data(root, sft, tmp_path / "sft_data", [0.25, 0.5, 1.0], seed=0)
+    path = demo_experiment(tmp_path, root, sft, dirs, 200, 100, 400, 768, 1)
+    spec = yaml.safe_load(path.read_text())
+    spec["evaluate"]["tasks"] = ["demo_mc"]
+    spec["report"] = {"claims": ["timing", {"claim": "midtrain_vs_base", "metric": "demo_mc/acc"}]}
+    path.write_text(yaml.safe_dump(spec))
+    assert load(path).report.claims[1] == {"claim": "midtrain_vs_base", "metric": "demo_mc/acc"}
+    spec["report"]["claims"][1]["metric"] = "arc_easy/acc"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(MidtrainError, match=r"report.claims.midtrain_vs_base.metric: task 'arc_easy' is not among"):
+        load(path)

@@ -147,3 +147,17 @@ def test_multiplier_claim_and_table():
     text = "\n".join(claims.claims_markdown([failed, claims.not_run("t", "p | q", "too slow")]))
     assert "| c | p | fit failed: loss does not decrease | **no (fit failed)** |" in text
     assert "| t | p \\| q | not run: too slow | **not tested** |" in text and "Verdict rules" in text
+
+
+def test_timing_vs_weight_and_benchmark_claims_follow_the_fixed_rules():
+    early, late, heavy = [3.80, 3.82], [4.00, 4.01], [4.05, 4.06]  # start steps: 0.195 apart; weights: 0.05
+    row = claims.spread_claim("c", "p", {"early": early, "late": late}, {"late": late, "heavy": heavy})
+    assert row.reproduced == "yes" and "= 0.1950" in row.this_run and "difference +0.1450" in row.this_run
+    noisy = claims.spread_claim("c", "p", {"early": [3.8, 4.0], "late": late}, {"late": late, "heavy": heavy})
+    assert noisy.reproduced == "no (within seed noise)"  # spread 0.105 - 0.05 = 0.055 < noise 0.2
+    assert claims.spread_claim("c", "p", {"a": late, "b": late}, {"c": late, "d": heavy}).reproduced == "no"
+    assert claims.spread_claim("c", "p", {"a": [3.8], "b": [4.0]}, {"c": [4.0], "d": [4.05]}).reproduced == \
+        "yes (noise not measured)"
+    assert claims.higher_score_claim("c", "p", ("mid", "base"), [0.50, 0.52], [0.30, 0.31]).reproduced == "yes"
+    assert claims.higher_score_claim("c", "p", ("mid", "base"), [0.30], [0.50]).reproduced == "no"
+    assert claims.higher_score_claim("c", "p", ("mid", "base"), [], [0.5]).reproduced == "not tested"

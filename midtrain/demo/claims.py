@@ -23,6 +23,12 @@ VERDICT_RULES = [
     "the runs compared; pretraining is one seed). A gap in the claimed direction but within that noise is "
     "**no (within seed noise)**, with one SFT seed only **yes (noise not measured)**; the opposite direction "
     "is **no**.",
+    "- The timing-vs-weight claim is reproduced (**yes**) when the spread over start steps (the gap between the "
+    "mean SFT losses of the two start steps, same mixture) exceeds the spread over mixture weights (the gap "
+    "between the two weights, same start step) by more than the SFT-seed noise of the runs compared; a larger "
+    "spread within that noise is **no (within seed noise)**, a smaller or equal one **no**.",
+    "- A benchmark comparison follows the loss rule with the sign flipped (the claimed run has the higher "
+    "score, mean over SFT seeds, by more than the seed noise of the scores).",
     "- The replay claim is reproduced (**yes**) when the data-efficiency multiplier is above 1 at every amount "
     "of target data, **partly** when at some, **no** when at none; a fit that fails is **no (fit failed)**.",
 ]
@@ -89,6 +95,41 @@ def lower_loss_claim(claim: str, paper: str, names: tuple[str, str], claimed: Se
     seeds = f" (mean of {len(claimed)} SFT seeds)" if len(claimed) > 1 else " (1 SFT seed)"
     noise_text = f"; seed noise {noise:.4f}" if noise is not None else "; seed noise not measured"
     text = f"{names[0]} {mean(claimed):.4f} vs {names[1]} {mean(other):.4f}{seeds}: gap {gap:+.4f}{noise_text}"
+    return Claim(claim, paper, text, verdict)
+
+
+def spread_claim(claim: str, paper: str, timing: dict[str, Sequence[float]],
+                 weights: dict[str, Sequence[float]]) -> Claim:  # fmt: skip
+    """A row for "the loss moves more between the two ``timing`` runs than between the two ``weights`` runs".
+
+    Each dict maps a run's name to its losses (one per SFT seed); each spread is the gap between the two
+    runs' means; the verdict needs the timing spread to exceed the weight spread by more than the seed noise.
+    """
+    (a, la), (b, lb) = timing.items()
+    (c, lc), (d, ld) = weights.items()
+    t_spread, w_spread = abs(mean(la) - mean(lb)), abs(mean(lc) - mean(ld))
+    diff, noise = t_spread - w_spread, seed_noise(la, lb, lc, ld)
+    if diff <= 0:
+        verdict = "no"
+    elif noise is None:
+        verdict = "yes (noise not measured)"
+    else:
+        verdict = "yes" if diff > noise else "no (within seed noise)"
+    noise_text = f"; seed noise {noise:.4f}" if noise is not None else "; seed noise not measured"
+    text = (f"start steps: |{a} {mean(la):.4f} - {b} {mean(lb):.4f}| = {t_spread:.4f}; weights: |{c} {mean(lc):.4f} "
+            f"- {d} {mean(ld):.4f}| = {w_spread:.4f}; difference {diff:+.4f}{noise_text}")
+    return Claim(claim, paper, text, verdict)
+
+
+def higher_score_claim(claim: str, paper: str, names: tuple[str, str], claimed: Sequence[float],
+                       other: Sequence[float]) -> Claim:  # fmt: skip
+    """A row comparing two runs' benchmark scores (higher is better; one value per SFT seed)."""
+    if not claimed or not other:
+        return not_run(claim, paper, "the benchmark wrote no scores for these runs")
+    gap, noise, verdict = lower_loss_verdict([-v for v in claimed], [-v for v in other])
+    noise_text = f"; seed noise {noise:.3f}" if noise is not None else "; seed noise not measured"
+    seeds = f" (mean of {len(claimed)} SFT seeds)" if len(claimed) > 1 else " (1 SFT seed)"
+    text = f"{names[0]} {mean(claimed):.3f} vs {names[1]} {mean(other):.3f}{seeds}: gap {-gap:+.3f}{noise_text}"
     return Claim(claim, paper, text, verdict)
 
 

@@ -20,6 +20,8 @@ def main(args: list[str]) -> object:
     parser.add_argument("action", help=" | ".join(ACTIONS))
     parser.add_argument("file", type=Path, help="The experiment file (YAML).")
     parser.add_argument("--jobs", type=int, default=1, help="run: processes at once (default 1).")
+    parser.add_argument("--reuse_processes", action="store_true",
+                        help="run: nodes in --jobs long-lived workers (imports once; faster on small models).")
     parser.add_argument("--json", action="store_true", help="status: a JSON list, one object per node.")
     parser.add_argument("--site", type=Path, default=None,
                         help="submit/status: the site file (default: MIDTRAIN_SITE or training_scripts/site.sh).")
@@ -47,7 +49,7 @@ def main(args: list[str]) -> object:
     if ns.action == "run":
         from midtrain.experiment.local import run_local
 
-        return run_local(p, ns.jobs)
+        return run_local(p, ns.jobs, ns.reuse_processes)
     if ns.action == "submit":
         from midtrain.experiment.slurm import submit
 

@@ -141,7 +141,7 @@ def plan(exp: Experiment) -> Plan:
             cfg = {"checkpoints": [str(Path(configs[node.deps[0]]["out_dir"]) / FINAL_DIR)], "val": dict(ev.val),
                    "out": str(node.out), **copy.deepcopy(ev.options)}
             if ev.tasks:
-                cfg["lm_eval_tasks"] = ",".join(ev.tasks)
+                cfg["tasks"] = ",".join(ev.tasks)
         else:
             rep = exp.report
             runs = [str(n.out) for n in nodes if n.kind in ("branch", "finetune") or n.name == BASE_NAME]
@@ -176,6 +176,7 @@ def _finetune_config(exp: Experiment, ft_cfg: dict, node: Node, nodes: list[Node
     if not isinstance(data, dict) or not isinstance(data.get("init_args"), dict):
         raise MidtrainError(f"{exp.source}: finetune.config {ft.config} has no data.init_args to set the SFT set in.")
     data["init_args"]["json_path"] = ft.sets[sft_set]
+    set_overrides = ft.for_set(sft_set)[3]
     if ratio:
         replay = cfg.get("replay") if isinstance(cfg.get("replay"), dict) else {}
         replay_data = ft.replay_data or replay.get("data")
@@ -185,7 +186,7 @@ def _finetune_config(exp: Experiment, ft_cfg: dict, node: Node, nodes: list[Node
         cfg["replay"] = {**replay, "ratio": ratio, "data": copy.deepcopy(replay_data)}
     else:
         cfg.pop("replay", None)
-    return _with(cfg, ft.overrides)
+    return _with(_with(cfg, ft.overrides), set_overrides)
 
 
 # ------------------------------------------------------------------------------------ records

@@ -97,12 +97,16 @@ def build(exp: Experiment, max_steps: int | None) -> list[Node]:
     finetunes, evals = [], []
     if exp.finetune:
         ft = exp.finetune
-        targets = ft.branches if ft.branches is not None else tuple(run_dirs)
-        for target in targets:
+        chosen = ft.branches if ft.branches is not None else tuple(run_dirs)
+        extra = {t for name in ft.sets for t in (ft.for_set(name)[0] or ())}
+        for target in [*chosen, *(t for t in run_dirs if t in extra and t not in chosen)]:
             deps = (target,) if exp.base.config or target != BASE_NAME else ()
             for sft_set in ft.sets:
-                for ratio in ft.replay:
-                    for seed in ft.seeds:
+                targets, ratios, seeds, _ = ft.for_set(sft_set)
+                if target not in (targets if targets is not None else tuple(run_dirs)):
+                    continue
+                for ratio in ratios:
+                    for seed in seeds:
                         name = sft_name(target, sft_set, ratio, seed)
                         tail = name.split("/", 1)[1]
                         node = Node(name, "finetune", deps, root / "sft" / target / tail, configs / f"{name}.yaml",

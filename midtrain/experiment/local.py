@@ -3,7 +3,9 @@
 Each node runs as ``python -m midtrain <command> --config <generated config>`` (the CLI's own code
 path) with its output in ``<root>/logs/<node>.log``, as soon as every node it depends on is done.
 Done nodes are skipped; a failing node stops only its dependents, and the run ends with an error
-naming each failed node's log.
+naming each failed node's log. ``reuse_processes``: nodes run in ``jobs`` long-lived worker processes
+instead (``midtrain.cli.run`` in each, the same code path), so torch and litgpt are imported once per
+worker, not once per node: on small models (the demo) that start-up is a large part of the time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import os
 import subprocess
 import sys
 import time
+import traceback
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import redirect_stderr, redirect_stdout
+from multiprocessing import get_context
 from pathlib import Path
 
 from midtrain.errors import MidtrainError
@@ -23,7 +30,63 @@ def log_path(p: Plan, name: str) -> Path:
     return p.exp.root / "logs" / f"{name}.log"
 
 
-def run_local(p: Plan, jobs: int = 1) -> None:
+def _in_worker(command: str, config: str, log: str, threads: int) -> int:
+    """In a worker process: ``midtrain <command> --config <config>`` with its output appended to ``log``."""
+    import torch
+
+    from midtrain.cli import run
+
+    torch.set_num_threads(threads)
+    with open(log, "a", encoding="utf-8") as f, redirect_stdout(f), redirect_stderr(f):
+        try:
+            run(command, ["--config", config])
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001 (the node fails; its log holds why)
+            traceback.print_exc()
+            return 1
+    return 0
+
+
+class _Pool:
+    """Nodes as futures on ``jobs`` spawned workers, with ``poll()`` like ``Popen``."""
+
+    TASKS_PER_WORKER = 8
+    """A worker is replaced after this many nodes (bounds what a long-lived process accumulates)."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs, self.threads = jobs, max(1, (os.cpu_count() or 1) // jobs)
+        self.pool = self._new()
+
+    def _new(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"),
+                                   max_tasks_per_child=self.TASKS_PER_WORKER)
+
+    def start(self, command: str, config: str, log: str) -> _Future:
+        try:
+            future = self.pool.submit(_in_worker, command, config, log, self.threads)
+        except BrokenProcessPool:  # a worker was killed (its node failed); later nodes get a fresh pool
+            self.pool.shutdown(wait=False)
+            self.pool = self._new()
+            future = self.pool.submit(_in_worker, command, config, log, self.threads)
+        return _Future(future)
+
+
+class _Future:
+    def __init__(self, future: Future) -> None:
+        self.future, self.pid = future, os.getpid()
+
+    def poll(self) -> int | None:
+        if not self.future.done():
+            return None
+        try:
+            return self.future.result()
+        except BaseException:  # noqa: BLE001 (a worker that died)
+            return 1
+
+
+def run_local(p: Plan, jobs: int = 1, reuse_processes: bool = False) -> None:
+    """Run every node that is not done, ``jobs`` at once (see the module docstring)."""
     if jobs < 1:
         raise MidtrainError(f"--jobs must be >= 1, got {jobs}.")
     write(p)
@@ -31,10 +94,11 @@ def run_local(p: Plan, jobs: int = 1) -> None:
     done = {n.name for n in p.nodes if is_done(n, p)}
     pending = [n for n in p.nodes if n.name not in done]
     failed: dict[str, str] = {}
-    running: dict[str, subprocess.Popen] = {}
+    running: dict[str, subprocess.Popen | _Future] = {}
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     start = time.perf_counter()
+    pool = _Pool(jobs) if reuse_processes else None
     print(f"experiment {p.exp.name}: {len(p.nodes)} nodes, {len(done)} done, {len(pending)} to run, "
           f"{jobs} at once", flush=True)
     while pending or running:
@@ -51,7 +115,8 @@ def run_local(p: Plan, jobs: int = 1) -> None:
             with open(log, "w", encoding="utf-8") as f:
                 f.write(f"$ midtrain {node.command} --config {node.config}\n")
                 f.flush()
-                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+                proc = (pool.start(node.command, str(node.config), str(log)) if pool else
+                        subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
             running[node.name] = proc
             records[node.name] = {"executor": "local", "pid": proc.pid, "log": str(log), "rc": None}
             write_jobs(p, records)
@@ -73,6 +138,8 @@ def run_local(p: Plan, jobs: int = 1) -> None:
             else:
                 failed[name] = f"exit status {rc}; log: {records[name]['log']}"
                 print(f"[{time.perf_counter() - start:6.0f} s] FAILED {name}: {failed[name]}", flush=True)
+    if pool:
+        pool.pool.shutdown()
     if failed:
         first = [f"{k} ({v})" for k, v in failed.items() if "dependency" not in v]
         raise MidtrainError(f"experiment {p.exp.name}: {len(failed)} node(s) not done; failed: {'; '.join(first)}.")

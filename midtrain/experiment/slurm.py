@@ -54,7 +54,8 @@ def _sbatch(node_command: str, config: Path, job_name: str, deps: list[str], sit
     if out.returncode != 0 or not found:
         why = (out.stderr.strip().splitlines() or out.stdout.strip().splitlines() or ["no output"])[-1]
         raise MidtrainError(f"submitting {job_name} failed: {why}")
-    return found.group(1)
+    merge = re.search(rf"Submitted {node_command} merge job (\d+)", out.stdout)  # evaluate --tasks: parts, then merge
+    return (merge or found).group(1)  # dependents wait for the job that writes the node's output
 
 
 def submit(p: Plan, site: Path | None = None) -> list[str]:

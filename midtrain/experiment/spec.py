@@ -57,6 +57,14 @@ class Finetune:
     branches: tuple[str, ...] | None = None
     replay_data: dict[str, Any] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    set_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per set written as a mapping (``{path, branches, replay, seeds, overrides}``): what it sets for itself."""
+
+    def for_set(self, name: str) -> tuple[tuple[str, ...] | None, tuple[float, ...], tuple[int, ...], dict]:
+        """The set's targets (None: the finetune-level choice), replay ratios, seeds and extra overrides."""
+        opts = self.set_options.get(name, {})
+        return (opts.get("branches", self.branches), opts.get("replay", self.replay), opts.get("seeds", self.seeds),
+                opts.get("overrides", {}))
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,8 @@ class Report:
 
     in_domain: str = "sft"
     general: str | None = None
-    claims: tuple[str, ...] = ()
+    claims: tuple[str | dict[str, str], ...] = ()
+    """Claim names, or ``{claim: NAME, metric: TASK/METRIC}`` to judge a claim on a benchmark metric."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ def _err(src: Path, where: str, what: str) -> MidtrainError:
 def _mapping(src: Path, where: str, value: Any, cls: type) -> dict:
     if not isinstance(value, dict):
         raise _err(src, where, f"expected a mapping of {', '.join(f.name for f in fields(cls))}, got {value!r}")
-    valid = [f.name for f in fields(cls) if f.name != "name"]
+    valid = [f.name for f in fields(cls) if f.name not in ("name", "set_options")]
     for key in value:
         if key not in valid:
             raise MidtrainError(f"{src}: {unknown_key(f'{where}.', str(key), valid)}")
@@ -177,6 +186,58 @@ def _branches(src: Path, raw: Any) -> tuple[Branch, ...]:
     return tuple(out)
 
 
+SET_FIELDS = ("path", "branches", "replay", "seeds", "overrides")
+"""A fine-tuning set written as a mapping: its path and what it sets for itself instead of the finetune section."""
+
+
+def _ratios(src: Path, where: str, raw: Any) -> tuple[float, ...]:
+    ratios = _list(raw)
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise _err(src, where, f"replay ratios must be numbers in [0, 1), got {r!r}")
+    return tuple(float(r) for r in dict.fromkeys(ratios))
+
+
+def _seeds(src: Path, where: str, raw: Any) -> tuple[int, ...]:
+    seeds = _list(raw)
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise _err(src, where, f"seeds must be integers, got {s!r}")
+    return tuple(dict.fromkeys(seeds))
+
+
+def _targets(src: Path, where: str, raw: Any, branches: tuple[Branch, ...]) -> tuple[str, ...]:
+    valid = [BASE_NAME, *(b.name for b in branches)]
+    targets = _list(raw)
+    for t in targets:
+        if t not in valid:
+            raise _err(src, where, f"{t!r} is not a branch; valid: {', '.join(valid)}")
+    return tuple(targets)
+
+
+def _sets(src: Path, raw: Any, branches: tuple[Branch, ...]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """``finetune.sets``: name -> path, or name -> ``{path, branches, replay, seeds, overrides}``."""
+    if not isinstance(raw, dict) or not raw:
+        raise _err(src, "finetune.sets", f"expected a mapping of names to paths, got {raw!r}")
+    paths, options = {}, {}
+    for name, value in raw.items():
+        where = f"finetune.sets.{name}"
+        _name(src, where, name)
+        if not isinstance(value, dict):
+            paths[name] = _str(src, where, value)
+            continue
+        for key in value:
+            if key not in SET_FIELDS:
+                raise MidtrainError(f"{src}: {unknown_key(f'{where}.', str(key), list(SET_FIELDS))}")
+        if "path" not in value:
+            raise _err(src, f"{where}.path", "required")
+        paths[name] = _str(src, f"{where}.path", value["path"])
+        parse = {"branches": lambda w, v: _targets(src, w, v, branches), "replay": lambda w, v: _ratios(src, w, v),
+                 "seeds": lambda w, v: _seeds(src, w, v), "overrides": lambda w, v: _overrides(src, w, v)}
+        options[name] = {k: parse[k](f"{where}.{k}", v) for k, v in value.items() if k != "path"}
+    return paths, options
+
+
 def _finetune(src: Path, raw: Any, branches: tuple[Branch, ...]) -> Finetune | None:
     if raw is None:
         return None
@@ -184,29 +245,18 @@ def _finetune(src: Path, raw: Any, branches: tuple[Branch, ...]) -> Finetune | N
     for key in ("config", "sets"):
         if key not in raw:
             raise _err(src, f"finetune.{key}", "required")
-    replay = _list(raw.get("replay", [0.0]))
-    for r in replay:
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
-            raise _err(src, "finetune.replay", f"replay ratios must be numbers in [0, 1), got {r!r}")
-    seeds = _list(raw.get("seeds", [42]))
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise _err(src, "finetune.seeds", f"seeds must be integers, got {s!r}")
     targets = raw.get("branches")
     if targets is not None:
-        valid = [BASE_NAME, *(b.name for b in branches)]
-        targets = _list(targets)
-        for t in targets:
-            if t not in valid:
-                raise _err(src, "finetune.branches", f"{t!r} is not a branch; valid: {', '.join(valid)}")
-        targets = tuple(targets)
+        targets = _targets(src, "finetune.branches", targets, branches)
     replay_data = raw.get("replay_data")
     if replay_data is not None and not isinstance(replay_data, dict):
         raise _err(src, "finetune.replay_data", f"expected the replay data fields (data_path, mix_weights_str, ...), "
                    f"got {replay_data!r}")
-    return Finetune(_str(src, "finetune.config", raw["config"]), _paths(src, "finetune.sets", raw["sets"]),
-                    tuple(float(r) for r in dict.fromkeys(replay)), tuple(dict.fromkeys(seeds)), targets,
-                    replay_data, _overrides(src, "finetune.overrides", raw.get("overrides")))
+    sets, options = _sets(src, raw["sets"], branches)
+    return Finetune(_str(src, "finetune.config", raw["config"]), sets,
+                    _ratios(src, "finetune.replay", raw.get("replay", [0.0])),
+                    _seeds(src, "finetune.seeds", raw.get("seeds", [42])), targets,
+                    replay_data, _overrides(src, "finetune.overrides", raw.get("overrides")), options)
 
 
 def _evaluate(src: Path, raw: Any) -> Evaluate | None:
@@ -217,20 +267,37 @@ def _evaluate(src: Path, raw: Any) -> Evaluate | None:
         raise _err(src, "evaluate.val", "required (name: path of each validation set)")
     tasks = tuple(_str(src, "evaluate.tasks", t) for t in _list(raw.get("tasks") or []))
     options = _overrides(src, "evaluate.options", raw.get("options"))
-    for key in ("checkpoints", "val", "out", "lm_eval_tasks"):
+    for key in ("checkpoints", "val", "out", "tasks"):
         if key in options:
             raise _err(src, f"evaluate.options.{key}", "set by the experiment; remove it")
     return Evaluate(_paths(src, "evaluate.val", raw["val"]), tasks, options)
 
 
-def _report(src: Path, raw: Any) -> Report | None:
+def _claim_metric(src: Path, claim: dict, tasks: tuple[str, ...]) -> None:
+    """A claim written ``{claim: NAME, metric: "TASK/METRIC"}``: judged on a benchmark metric of ``evaluate.tasks``."""
+    where = f"report.claims.{claim['claim']}"
+    for key in claim:
+        if key not in ("claim", "metric"):
+            raise MidtrainError(f"{src}: {unknown_key(f'{where}.', str(key), ['claim', 'metric'])}")
+    metric = claim.get("metric")
+    task, _, name = str(metric).partition("/")
+    if not isinstance(metric, str) or not name:
+        raise _err(src, f"{where}.metric", f"expected TASK/METRIC (e.g. 'arc_easy/acc'), got {metric!r}")
+    if task not in tasks:
+        raise _err(src, f"{where}.metric", f"task {task!r} is not among evaluate.tasks {list(tasks)}; add it there")
+
+
+def _report(src: Path, raw: Any, tasks: tuple[str, ...] = ()) -> Report | None:
     if raw is None:
         return None
     raw = _mapping(src, "report", raw, Report)
     claims = tuple(_list(raw.get("claims") or []))
     for c in claims:
-        if c not in CLAIMS:
-            raise _err(src, "report.claims", f"unknown claim {c!r}; valid: {', '.join(CLAIMS)}")
+        name = c.get("claim") if isinstance(c, dict) else c
+        if name not in CLAIMS:
+            raise _err(src, "report.claims", f"unknown claim {name!r}; valid: {', '.join(CLAIMS)}")
+        if isinstance(c, dict):
+            _claim_metric(src, c, tasks)
     general = raw.get("general")
     return Report(_str(src, "report.in_domain", raw.get("in_domain", "sft")),
                   None if general is None else _str(src, "report.general", general), claims)
@@ -262,4 +329,5 @@ def load(path: Path | str) -> Experiment:
     if evaluate is not None and finetune is None:
         raise _err(src, "evaluate", "evaluates the fine-tuned models; add a finetune section")
     return Experiment(_name(src, "name", raw["name"]), Path(_str(src, "root", raw["root"])), _base(src, raw["base"]),
-                      branches, finetune, evaluate, _report(src, raw.get("report")), src)
+                      branches, finetune, evaluate,
+                      _report(src, raw.get("report"), evaluate.tasks if evaluate else ()), src)
