@@ -30,6 +30,8 @@ from midtrain.preemption import EXIT_PREEMPTED
 from midtrain.train.hf_config import HF_CONFIG_FILE, UnsupportedFamily, hf_config, hf_config_json
 from tests.synthetic import write_tree
 
+pytestmark = pytest.mark.slow  # spawns CLI / training / DDP / SLURM processes (make test-fast skips it)
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub

@@ -22,6 +22,8 @@ from midtrain.rundir import find_latest, read_train_state
 from midtrain.train.checkpoints import prune_checkpoints
 from tests.synthetic import write_tree
 
+pytestmark = pytest.mark.slow  # spawns CLI / training / DDP / SLURM processes (make test-fast skips it)
+
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 512,
          "padded_vocab_size": 512}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

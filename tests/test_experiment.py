@@ -147,6 +147,7 @@ def test_paper_experiment_files_plan(repo_cwd, name):
         assert kinds.count("finetune") == 3 * 4 and all(n.deps == () for n in p.nodes if n.kind == "finetune")
 
 
+@pytest.mark.slow
 def test_cli_plan_prints_the_graph_and_runs_nothing(tmp_path):
     path = tiny_copy(tmp_path)
     out = subprocess.run([sys.executable, "-m", "midtrain", "experiment", "plan", str(path)], cwd=REPO,
@@ -160,6 +161,7 @@ def test_cli_plan_prints_the_graph_and_runs_nothing(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
 
 
+@pytest.mark.slow
 def test_run_tiny_locally(tmp_path):
     """``run`` of tiny.yaml from a working directory with the demo corpus: every node done; again: nothing to do."""
     from test_slurm import short_sft_set

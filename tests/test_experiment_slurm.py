@@ -21,6 +21,8 @@ import pytest
 import yaml
 from test_slurm import short_sft_set  # noqa: F401  (its import skips this module without a cluster)
 
+pytestmark = pytest.mark.slow  # spawns CLI / training / DDP / SLURM processes (make test-fast skips it)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "midtrain_configs/experiments/tiny.yaml"
 FAILING = "code20-at10/sft-code-replay0.25-seed42"

@@ -15,6 +15,8 @@ from midtrain.cli import run
 from midtrain.rundir import checkpoint_name, read_train_state
 from tests.synthetic import write_tree
 
+pytestmark = pytest.mark.slow  # spawns CLI / training / DDP / SLURM processes (make test-fast skips it)
+
 SEQ = 16
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": SEQ, "vocab_size": 512,
          "padded_vocab_size": 512}

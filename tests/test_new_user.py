@@ -18,6 +18,8 @@ from midtrain.demo.corpus import build_demo_corpus, train_bpe_tokenizer
 from midtrain.eval.efficiency import efficiency
 from midtrain.rundir import write_eval_rows
 
+pytestmark = pytest.mark.slow  # spawns CLI / training / DDP / SLURM processes (make test-fast skips it)
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 128, "vocab_size": 1024,
          "padded_vocab_size": 1024}

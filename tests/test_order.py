@@ -143,6 +143,7 @@ def _lookups(blend: RandomBlend) -> list:
     return [src.tolist(), before.tolist(), blend.counts(LOOKUP_AT[-1]).tolist()]
 
 
+@pytest.mark.slow
 def test_random_blend_lookups_identical_across_processes_and_cold_or_warm_caches():
     weights = [0.4, 0.3, 0.2, 0.1]
     cold = _lookups(RandomBlend(weights, seed=11, generation=1))

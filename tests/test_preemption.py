@@ -59,6 +59,7 @@ def logged_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)]
 
 
+@pytest.mark.slow
 def test_signal_before_the_first_step_checkpoints_and_requeues(corpus, tmp_path, clean_signal):
     """SLURM's signal can arrive while the process still imports or builds the model: not fatal, not lost."""
     out = tmp_path / "run"

@@ -19,6 +19,8 @@ from midtrain.errors import MidtrainError
 from midtrain.prepare import MANIFEST_NAME, prepare, read_shard_tokens
 from midtrain.prepare.hub import prepare_hub
 
+pytestmark = pytest.mark.slow  # spawns CLI / training / DDP / SLURM processes (make test-fast skips it)
+
 pytest.importorskip("datasets")
 
 WORDS = "the model reads code and math while a tokenizer splits text into pieces of data".split()

@@ -9,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from midtrain.prepare.hub import prepare_hub
 from midtrain.prepare.sft_formats import FORMATS, prepare_sft
+
+pytestmark = pytest.mark.slow  # spawns CLI / training / DDP / SLURM processes (make test-fast skips it)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "util_scripts" / "prepare_paper_data.py"

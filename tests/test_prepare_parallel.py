@@ -15,6 +15,8 @@ from midtrain.demo.corpus import train_bpe_tokenizer
 from midtrain.errors import MidtrainError
 from midtrain.prepare.manifests import reserve_shard_name
 
+pytestmark = pytest.mark.slow  # spawns CLI / training / DDP / SLURM processes (make test-fast skips it)
+
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(120)]
 
 

@@ -101,6 +101,7 @@ def test_wrong_format_is_one_clear_error(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_prepare_sft(tmp_path):
     src = _jsonl(tmp_path / "code.jsonl", PYCODE + [{"instruction": "no output field"}])
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

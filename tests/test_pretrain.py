@@ -300,6 +300,7 @@ def _bpe_tokenizers(root: Path) -> tuple[Path, Path]:
     return tok, other
 
 
+@pytest.mark.slow
 def test_resume_with_another_tokenizer_dir_is_refused_through_the_cli(corpus, tmp_path):
     """README: a resume with another --tokenizer_dir is an error (runtime.check_compatible), not a silent run."""
     tok, other = _bpe_tokenizers(tmp_path)
@@ -358,6 +359,7 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_a_pickled_checkpoint_is_refused_and_never_run(corpus, tmp_path):
     """Resume and initial_checkpoint_dir read lit_model.pth with weights_only=True: pickled code is an error."""
     import torch

@@ -227,6 +227,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_mixture_form_with_a_data_path(world, tmp_path):
     """The mixture form parsed from the command line: components, the mixture row and its advantage in --out."""
     out = tmp_path / "sim.json"
@@ -238,6 +239,7 @@ def test_cli_mixture_form_with_a_data_path(world, tmp_path):
     assert written["proximity_advantage"]["ngram_cosine_avg"] > 0  # code pulls the mixture toward the code-like set
 
 
+@pytest.mark.slow
 def test_cli_mixture_form_of_the_readme(world, tmp_path):
     """``--a DATA_PATH:main --b SFT --mixture main:0.8,code:0.2``, as README's command table writes it."""
     out = tmp_path / "sim.json"
