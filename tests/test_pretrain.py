@@ -233,6 +233,22 @@ def test_requeue_counts_from_the_branch_point_and_a_finished_run_trains_nothing(
         pretrain(cfg, "--resume", "false")
 
 
+def _kill_during_the_step_6_save(cfg: dict, ready: Path) -> None:
+    """Run ``cfg`` in a forked child and SIGKILL it once its step-6 save reached the rename."""
+    ready.unlink(missing_ok=True)
+    child = multiprocessing.get_context("fork").Process(
+        target=_pretrain_until_rename, args=(cfg, ".tmp-step-00000006", ready)
+    )
+    child.start()
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert child.is_alive() and time.monotonic() < deadline, "the child did not reach the step-6 save"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+
+
 def _pretrain_until_rename(cfg: Path, paused: str, ready: Path) -> None:
     """Child process: the pretrain command, stopped just before ``paused`` is renamed into place (until killed)."""
     real_replace = os.replace
@@ -256,17 +272,7 @@ def test_kill_9_during_a_checkpoint_write_then_the_same_command(corpus, tmp_path
     pretrain(config(corpus, whole))
     out, ready = tmp_path / "run", tmp_path / "ready"
     cfg = config(corpus, out, **{"train.save_interval": 2, "train.keep_last_checkpoints": 2})
-    child = multiprocessing.get_context("fork").Process(
-        target=_pretrain_until_rename, args=(cfg, ".tmp-step-00000006", ready)
-    )
-    child.start()
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert child.is_alive() and time.monotonic() < deadline, "the child did not reach the step-6 save"
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.join()
-    assert child.exitcode == -signal.SIGKILL
+    _kill_during_the_step_6_save(cfg, ready)
     assert find_latest(out) == out / "step-00000004" and (out / ".tmp-step-00000006").is_dir()
 
     pretrain(cfg)  # the same command
@@ -330,17 +336,7 @@ def test_crash_between_renames_then_a_crashed_save_keeps_the_previous_checkpoint
     (out / ".tmp-step-00000004").mkdir()  # its complete new copy, never renamed into place: the kill
     assert find_latest(out) == out / ".old-step-00000004"
 
-    child = multiprocessing.get_context("fork").Process(
-        target=_pretrain_until_rename, args=(cfg, ".tmp-step-00000006", ready)
-    )
-    child.start()
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert child.is_alive() and time.monotonic() < deadline, "the child did not reach the step-6 save"
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.join()
-    assert child.exitcode == -signal.SIGKILL
+    _kill_during_the_step_6_save(cfg, ready)
     assert find_latest(out) == out / ".old-step-00000004"  # the save of step 6 cleaned up, but kept this one
 
     pretrain(cfg)  # the same command: from step 4 again

@@ -34,6 +34,33 @@ load_site() {
     [[ "$MIDTRAIN_LOG_DIR" == /* ]] || MIDTRAIN_LOG_DIR="$MIDTRAIN_ROOT/$MIDTRAIN_LOG_DIR"
 }
 
+# read_list FILE: the paths a list file names, one per line ('#' comments and blank lines dropped; order kept).
+read_list() {
+    local line
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        line="${line%%#*}"; line="${line#"${line%%[![:space:]]*}"}"; line="${line%"${line##*[![:space:]]}"}"
+        [[ -z "$line" ]] || echo "$line"
+    done < "$1"
+}
+
+# glob_matches WHAT PATTERN: the matches of a quoted glob, sorted; an error naming WHAT when none match.
+glob_matches() {
+    compgen -G "$2" | LC_ALL=C sort || die "no $1 matches $2"
+}
+
+# absolute_unique WHAT PATH...: each path made absolute, one per line; a missing or repeated one is an error.
+absolute_unique() {
+    local what="$1" f abs seen=" "; shift
+    (( $# )) || die "no ${what}s given"
+    for f in "$@"; do
+        [[ -e "$f" ]] || die "$what $f does not exist"
+        abs="$(cd "$(dirname "$f")" && pwd)/$(basename "$f")"
+        [[ "$seen" != *" $abs "* ]] || die "$what $f is listed twice"
+        seen+="$abs "
+        echo "$abs"
+    done
+}
+
 # expand_config_files ARG...: one config per line. ARG is a .yaml file, a directory (its *.yaml, recursive,
 # sorted), a glob in quotes (sorted), or a list file (one path per line, '#' comments; order kept).
 # Relative paths are taken from the current directory. Duplicates are an error (two tasks, one out_dir).
@@ -45,25 +72,14 @@ expand_config_files() {
         elif [[ -f "$arg" && "$arg" == *.y*ml ]]; then
             out+=("$arg")
         elif [[ -f "$arg" ]]; then
-            while IFS= read -r line || [[ -n "$line" ]]; do
-                line="${line%%#*}"; line="${line#"${line%%[![:space:]]*}"}"; line="${line%"${line##*[![:space:]]}"}"
-                [[ -n "$line" ]] && out+=("$line")
-            done < "$arg"
+            while IFS= read -r line; do out+=("$line"); done < <(read_list "$arg")
         else
             local matches
-            matches="$(compgen -G "$arg" | LC_ALL=C sort)" || die "no config matches $arg"
+            matches="$(glob_matches config "$arg")" || exit 2
             while IFS= read -r line; do out+=("$line"); done <<< "$matches"
         fi
     done
-    (( ${#out[@]} )) || die "no configs given"
-    local f abs seen=" "
-    for f in "${out[@]}"; do
-        [[ -f "$f" ]] || die "config $f does not exist"
-        abs="$(cd "$(dirname "$f")" && pwd)/$(basename "$f")"
-        [[ "$seen" != *" $abs "* ]] || die "config $f is listed twice"
-        seen+="$abs "
-        echo "$abs"
-    done
+    absolute_unique config "${out[@]+"${out[@]}"}"
 }
 
 expand_configs() { expand_config_files "$@"; }  # the items of an array; a *.sbatch may redefine it
@@ -298,26 +314,15 @@ expand_parts() {
     for arg in "$@"; do
         if [[ "$arg" == @* ]]; then
             [[ -f "${arg#@}" ]] || die "no list file ${arg#@}"
-            while IFS= read -r line || [[ -n "$line" ]]; do
-                line="${line%%#*}"; line="${line#"${line%%[![:space:]]*}"}"; line="${line%"${line##*[![:space:]]}"}"
-                [[ -n "$line" ]] && out+=("$line")
-            done < "${arg#@}"
+            while IFS= read -r line; do out+=("$line"); done < <(read_list "${arg#@}")
         elif [[ -e "$arg" ]]; then out+=("$arg")
         else
             local matches
-            matches="$(compgen -G "$arg" | LC_ALL=C sort)" || die "no input matches $arg"
+            matches="$(glob_matches input "$arg")" || exit 2
             while IFS= read -r line; do out+=("$line"); done <<< "$matches"
         fi
     done
-    (( ${#out[@]} )) || die "no input parts given"
-    local f abs seen=" "
-    for f in "${out[@]}"; do
-        [[ -e "$f" ]] || die "input $f does not exist"
-        abs="$(cd "$(dirname "$f")" && pwd)/$(basename "$f")"
-        [[ "$seen" != *" $abs "* ]] || die "input $f is listed twice"
-        seen+="$abs "
-        echo "$abs"
-    done
+    absolute_unique "input part" "${out[@]+"${out[@]}"}"
 }
 
 # ---- evaluate: one array task per checkpoint when lm-eval tasks run (evaluate.sbatch, submit.sh) ----
