@@ -174,7 +174,8 @@ def test_run_tiny_locally(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "midtrain", "experiment"]
     file = "midtrain_configs/experiments/tiny.yaml"
-    out = subprocess.run([*cmd, "run", file, "--jobs", "2", "--reuse_processes"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    out = subprocess.run([*cmd, "run", file, "--jobs", "2", "--reuse_processes"], cwd=tmp_path, capture_output=True,
+                         text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     st = json.loads(subprocess.run([*cmd, "status", file, "--json"], cwd=tmp_path, capture_output=True, text=True,
                                    env=env).stdout)
