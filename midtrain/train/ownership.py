@@ -1,17 +1,19 @@
 """One live owner per run directory, and one view of it: rank 0 claims ``out_dir``, cleans it, resolves the start
 and broadcasts it to the other ranks.
 
-**Ownership.** Rank 0 holds an exclusive ``flock`` on ``.<out_dir name>.owner.lock`` next to ``out_dir`` as long
+**Ownership.** Rank 0 holds an exclusive POSIX record lock (``fcntl``) on ``.<out_dir name>.owner.lock`` next to
+``out_dir`` as long
 as its command runs, and writes who it is into the file (SLURM job id, host, pid, start time). A second start on the
 same ``out_dir`` (a manual resubmit while the requeued task is pending; two configs with one
 ``out_dir``) cannot take the lock and stops at once, naming the owner. The kernel drops the lock
 when the owner dies however it dies (``kill -9``; on a node loss, when the file server notices), so
 a dead owner never blocks the requeue.
 
-What it relies on: ``flock`` that is exclusive across hosts. Local filesystems and Linux NFS clients
-have it (NFS maps ``flock`` to byte-range locks held by the server; NFSv4 frees a dead client's locks
+A POSIX lock, not ``flock``: it belongs to the process, so forked children (DataLoader workers) do not inherit it
+and it ends with the command (:func:`release`) or the process. What it relies on: POSIX locks exclusive across
+hosts. Local filesystems and Linux NFS clients have them (held by the server; NFSv4 frees a dead client's locks
 when its lease runs out, about 90 s; NFSv3 needs ``lockd``/``statd``); Lustre needs the ``flock`` mount
-option (``localflock`` is per node only). Where ``flock`` is refused (``ENOLCK``/``ENOSYS``/``EINVAL``),
+option (``localflock`` is per node only). Where locking is refused (``ENOLCK``/``ENOSYS``/``EINVAL``),
 the record itself decides: a record from this SLURM job (a requeue keeps the job id) or of a dead
 process on this host is stale; another live or unknown owner is refused (delete the file once it is
 known to be dead).
@@ -65,7 +67,7 @@ def _read(fd: int) -> dict[str, Any]:
 
 
 def _stale(owner: dict[str, Any]) -> bool:
-    """Without flock: is the recorded owner certainly gone?"""
+    """Without locks: is the recorded owner certainly gone?"""
     if not owner:
         return True
     if owner.get("job") and owner.get("job") == os.environ.get("SLURM_JOB_ID"):
@@ -84,7 +86,7 @@ def claim(out_dir: Path | str) -> None:
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             owner = _read(fd)
@@ -93,11 +95,11 @@ def claim(out_dir: Path | str) -> None:
                 f"{out_dir} is in use by {describe(owner)}; two jobs must not train one run directory. Wait for it, "
                 "cancel it, or use another out_dir."
             ) from None
-        owner = _read(fd)  # flock unsupported here: the record decides
+        owner = _read(fd)  # locks unsupported here: the record decides
         if not _stale(owner):
             os.close(fd)
             raise MidtrainError(
-                f"{out_dir} is recorded as in use by {describe(owner)} and this filesystem has no flock to check it; "
+                f"{out_dir} is recorded as in use by {describe(owner)} and this filesystem has no locks to check it; "
                 f"if that process is gone, delete {path}."
             ) from None
     record = json.dumps(_me()).encode()
@@ -111,7 +113,7 @@ def release(out_dir: Path | str) -> None:
     worker or a test); a no-op where this process does not own it."""
     fd = _held.pop(lock_file(Path(out_dir).resolve()), None)
     if fd is not None:
-        os.close(fd)  # closing the descriptor drops the flock
+        os.close(fd)  # closing the descriptor drops the lock
 
 
 def shared_start(fabric: Any, resolve: Any, out_dir: Path) -> Any:
