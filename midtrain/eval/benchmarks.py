@@ -128,6 +128,10 @@ def run_benchmarks(
         )
     done = {(r["checkpoint"], r["set"]) for r in [*rows, *(known or [])] if r.get("metric")}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # lm-eval bootstraps the stderr of perplexity/F1/BLEU in a forked multiprocessing.Pool; forked from this
+    # process (torch's threads, a tokenizer, tqdm's monitor) a pool worker can deadlock on an inherited lock
+    # and the job hangs forever. One process it is; DISABLE_MULTIPROC="" set by the user brings the pool back.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     for checkpoint in checkpoints:
         pending = [t for t in names if (str(checkpoint.path), set_name(t, num_fewshot)) not in done]
         if not pending:
