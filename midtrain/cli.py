@@ -31,14 +31,16 @@ from midtrain import preemption
 from midtrain.errors import MidtrainError
 from midtrain.rundir import parse_yaml
 
-# command -> (signature function, what it does). Imported lazily so `midtrain --help` is fast.
+# command -> (what its options are read from: a function or a config dataclass, what it does). Imported lazily so
+# `midtrain --help` is fast. A dataclass's command runs RUNNERS[command] on the built (checked) object.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("midtrain.prepare:prepare", "Tokenise raw corpora into a typed token shard."),
-    "inspect": ("midtrain.train.pretrain:setup", "Dry run: the resolved mixture table of a pretrain config, a warning "
-                "per shard read more than data.repeat_warning (4) times; refuses what pretrain refuses."),
+    "inspect": ("midtrain.config.commands:PretrainConfig", "Dry run: the resolved mixture table of a pretrain "
+                "config, a warning per shard read more than data.repeat_warning (4) times; refuses what pretrain "
+                "refuses."),
     "migrate": ("midtrain.migrate:migrate_file", "Rewrite a config of the research fork as a midtrain config."),
-    "pretrain": ("midtrain.train.pretrain:setup", "Pretrain / midtrain on a mixture of token shards."),
-    "finetune": ("midtrain.train.finetune:setup", "Full fine-tuning with optional replay of pretraining shards."),
+    "pretrain": ("midtrain.config.commands:PretrainConfig", "Pretrain / midtrain on a mixture of token shards."),
+    "finetune": ("midtrain.config.commands:FinetuneConfig", "Full fine-tuning, optional replay of pretraining shards."),
     "evaluate": ("midtrain.eval.losses:evaluate", "Validation losses and lm-eval scores of checkpoints into one CSV."),
     "similarity": ("midtrain.eval.similarity:similarity", "n-gram / token similarity and proximity advantage."),
     "efficiency": ("midtrain.eval.efficiency:efficiency", "Fit loss = A/x^B + C and report data-efficiency."),
@@ -46,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("midtrain.demo.run:demo", "The whole method on one CPU in minutes, no download."),
     "experiment": ("midtrain.experiment:main", "A study as a graph of runs: plan | run | submit | status FILE."),
 }
+RUNNERS = {"pretrain": "midtrain.train.pretrain:setup", "finetune": "midtrain.train.finetune:setup"}
 PREPARE_DEMO = "midtrain.demo.corpus:prepare_demo"
 PREPARE_SFT = "midtrain.prepare.sft_formats:prepare_sft"
 PREPARE_HUB = "midtrain.prepare.hub:prepare_hub"
@@ -60,7 +63,10 @@ def _load(target: str) -> Callable:
 def _parser(fn: Callable, prog: str) -> ArgumentParser:
     parser = ArgumentParser(prog=prog, description=(fn.__doc__ or "").split("\n\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML config file (fields as below).")
-    parser.add_function_arguments(fn, fail_untyped=False)
+    if inspect.isclass(fn):
+        parser.add_class_arguments(fn, as_group=False, fail_untyped=False)
+    else:
+        parser.add_function_arguments(fn, fail_untyped=False)
     return parser
 
 
@@ -278,7 +284,7 @@ def run(command: str, args: list[str]) -> Any:
 
         return inspect(**kwargs, step=step)
     try:
-        return fn(**kwargs)
+        return _load(RUNNERS[command])(fn(**kwargs)) if command in RUNNERS else fn(**kwargs)
     finally:
         preemption.clear()  # acted on (or too late to matter): a next command in this process starts clean
 

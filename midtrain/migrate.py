@@ -118,9 +118,9 @@ def migrate(
     max_steps: int = FORK_HORIZON,
 ) -> tuple[dict, list[str]]:
     """The midtrain config for the fork config ``cfg`` and one line per change."""
+    from midtrain.config.commands import PretrainConfig
     from midtrain.config.sections import EvalArgs, TrainArgs
     from midtrain.data.sharded_mixed import ShardedMixedDataset
-    from midtrain.train.pretrain import setup
 
     if not isinstance(cfg, dict):
         raise MidtrainError(f"{source} does not hold a YAML mapping.")
@@ -174,10 +174,10 @@ def migrate(
         _drop_unknown("eval.", new["eval"], EvalArgs, changes, {})
 
     _resume(new, train, init, source, pretrain_dir, out_dir, max_steps, changes, stale_weight)
-    _drop_unknown("", new, setup, changes, {})
+    _drop_unknown("", new, PretrainConfig, changes, {})
     if new.get("logger_name") == "wandb":
         changes.append("logger_name: wandb kept (needs the wandb extra: pip install 'midtrain[wandb]')")
-    check_section("", new, setup)
+    check_section("", new, PretrainConfig)
     return new, changes
 
 

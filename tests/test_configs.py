@@ -185,9 +185,9 @@ def test_finetune_configs_have_the_planned_schema(rel: str):
 def test_finetune_configs_parse_with_the_finetune_cli(rel: str):
     """Parse only (no instantiation: the SFT JSON files are not in the test tree)."""
     from midtrain.cli import _parser
-    from midtrain.train import finetune
+    from midtrain.config.commands import FinetuneConfig
 
-    cfg = _parser(finetune.setup, "midtrain finetune").parse_args(["--config", str(CONFIGS / rel)])
+    cfg = _parser(FinetuneConfig, "midtrain finetune").parse_args(["--config", str(CONFIGS / rel)])
     assert str(cfg.checkpoint_dir).endswith(load(rel)["checkpoint_dir"])
     assert "c4" in (cfg.val_data_path or {}) or "main" in (cfg.val_data_path or {})
 

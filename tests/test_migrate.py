@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from midtrain.cli import _prepare_args, run
+from midtrain.config.commands import FinetuneConfig
 from midtrain.errors import MidtrainError
 from midtrain.migrate import FORK_HORIZON, fork_fields, migrate
 from tests.synthetic import write_tree
@@ -159,9 +160,7 @@ def test_litgpt_field_names_are_translated_with_a_note(tree: Path, tmp_path: Pat
 
 
 def test_litgpt_train_epochs_becomes_finetune_epochs():
-    from midtrain.train.finetune import setup
-
-    args = _prepare_args("finetune", setup, ["--checkpoint_dir", "ckpt", "--train.epochs", "3"])
+    args = _prepare_args("finetune", FinetuneConfig, ["--checkpoint_dir", "ckpt", "--train.epochs", "3"])
     assert "--train.epochs" not in args
     assert yaml.safe_load(args[args.index("--config") + 1]) == {"epochs": 3}
 

@@ -1,7 +1,7 @@
 """One config object per training command, validated once when built.
 
 ``midtrain pretrain`` / ``finetune`` build a :class:`PretrainConfig` / :class:`FinetuneConfig` from their options
-(litgpt's field names; the options and their help are the ``setup`` signatures) and pass it whole to the
+(litgpt's field names; each dataclass declares its options and their help) and pass it whole to the
 processes ``fabric.launch`` starts. Building one runs every check that needs no loaded data
 (:mod:`midtrain.config.checks`) and resolves what the options name: the model ``Config``, the starting
 checkpoint, the tokenizer, the replay mixture. What needs the data module loaded (the SFT split's size and
@@ -38,7 +38,35 @@ def _options(cfg: Any) -> dict[str, Any]:
 
 @dataclass
 class PretrainConfig:
-    """``midtrain pretrain``'s options (see ``midtrain.train.pretrain.setup``), checked; plus the model ``Config``."""
+    """Pretrain (or midtrain) a litgpt model on a weighted mixture of token shards.
+
+    Built once from the command's options (litgpt's field names; the CLI reads them and their help from here),
+    running every check that needs no loaded data; then passed whole to the processes ``fabric.launch`` starts.
+
+    Args:
+        model_name: A litgpt model name (e.g. ``pythia-160m``); mutually exclusive with ``model_config``.
+        model_config: A litgpt ``Config`` for a custom model.
+        out_dir: Run directory: checkpoints ``step-XXXXXXXX/``, ``metrics.jsonl``, ``mixture_history.json``.
+        precision: Fabric precision (``bf16-mixed``, ``32-true``, ...); default picks the best supported.
+        initial_checkpoint_dir: Start a new run from these model weights (step 0, fresh optimizer); loaded after
+            ``fabric.setup`` (FSDP-safe).
+        resume: Where a new run starts: ``auto`` (default: fresh), or a checkpoint directory (also another run's:
+            midtraining into a new ``out_dir``). Once ``out_dir`` holds checkpoints, the run always continues from
+            its newest (a requeue); ``false`` then refuses instead of training over them.
+        data: The ShardedMixedDataset (mixture, stages, validation sets).
+        train: Length, batch sizes, LR schedule, checkpoint interval.
+        eval: Validation interval and sample budget.
+        optimizer: A torch optimizer name or ``{class_path, init_args}``.
+        devices: Devices per node.
+        num_nodes: Number of nodes (SLURM: one srun task per device).
+        accelerator: ``auto``, ``cpu`` or ``cuda``.
+        strategy: ``auto`` (FSDP on several GPUs, DDP over gloo on CPU), ``ddp`` or ``fsdp``.
+        tokenizer_dir: Tokenizer directory, copied into checkpoints and fingerprinted for resume checks.
+        logger_name: Extra logger besides ``metrics.jsonl``.
+        seed: Seed for model initialisation.
+        compile: ``torch.compile`` the model (as ``litgpt pretrain`` always does); false for quick CPU runs.
+        preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
+    """
 
     model_name: str | None = None
     model_config: Config | None = None
@@ -82,8 +110,38 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    """``midtrain finetune``'s options (see ``midtrain.train.finetune.setup``), checked; plus what they resolve
-    to: the starting checkpoint, the model ``Config``, the replay mixture."""
+    """Fine-tune all weights of a checkpoint on instruction data, optionally replaying pretraining shards.
+
+    Built once from the command's options (litgpt's field names; the CLI reads them and their help from here),
+    running every check that needs no loaded data; then passed whole to the processes ``fabric.launch`` starts.
+
+    Args:
+        checkpoint_dir: Model to start from: one of our checkpoints (``step-*``), a run directory (its newest
+            checkpoint) or a litgpt checkpoint directory; needs ``lit_model.pth`` and ``model_config.yaml``.
+        out_dir: Run directory: checkpoints ``step-XXXXXXXX/``, ``metrics.jsonl``, ``summary.json``.
+        precision: Fabric precision (``bf16-mixed``, ``32-true``, ...); default picks the best supported.
+        devices: Devices per node.
+        num_nodes: Number of nodes.
+        accelerator: ``auto``, ``cpu`` or ``cuda``.
+        strategy: ``auto`` (FSDP on several GPUs, DDP over gloo on CPU), ``ddp`` or ``fsdp``.
+        data: A litgpt SFT data module (``litgpt.data.JSON``, ``Alpaca``, ...).
+        replay: ``{ratio, data}``: the fraction of every step's sequences drawn from pretraining shards.
+        val_data_path: Pretraining-shard validation sets ``name -> shard directory`` (forgetting), besides
+            those in ``replay.data.val_data_path``.
+        train: Length, batch sizes, LR schedule (warmup fraction, cosine/constant, ...), clipping, checkpoints.
+        epochs: Length in epochs over the SFT training split instead of ``train.max_steps``.
+        eval: Validation interval and sample budget per set.
+        optimizer: A torch optimizer name or ``{class_path, init_args}``; its state starts fresh.
+        resume: Where a new run starts: ``auto`` (default: fresh from ``checkpoint_dir``) or a checkpoint of a
+            fine-tuning run. Once ``out_dir`` holds checkpoints, the run always continues from its newest (a
+            requeue); ``false`` then refuses instead of training over them.
+        tokenizer_dir: Tokenizer directory (default: ``checkpoint_dir``).
+        logger_name: Extra logger besides ``metrics.jsonl``.
+        seed: Seed for the SFT sample order.
+        compile: ``torch.compile`` the model (it recompiles once for SFT batches of varying length, then
+            treats the length as dynamic); false for quick CPU runs.
+        preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
+    """
 
     checkpoint_dir: Path
     out_dir: Path = Path("out/finetune")

@@ -26,99 +26,37 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
-from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
 
 from midtrain.config.checks import check_compatible
 from midtrain.config.commands import FinetuneConfig
-from midtrain.config.sections import EvalArgs, TrainArgs
-from midtrain.data.replay import Replay
 from midtrain.data.sft import IGNORE_INDEX, SFTOrder, StepBatches, scored_fraction, sft_val_loader, step_micro_batches
 from midtrain.data.sharded_mixed import ShardedMixedDataset, ValWindows
 from midtrain.errors import MidtrainError
 from midtrain.preemption import shielded_iter
 from midtrain.rundir import tokenizer_fingerprint
-from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
-from midtrain.train.ownership import release
 from midtrain.train.runtime import (
     PreemptionFlag,
     Start,
     TrainingRun,
     begin_run,
-    build_fabric,
     build_model_and_optimizer,
     check_tokenizer,
+    launch,
     load_initial_weights,
     resolve_start,
 )
 
 
-def setup(
-    checkpoint_dir: Path,
-    out_dir: Path = Path("out/finetune"),
-    precision: str | None = None,
-    devices: int | str = 1,
-    num_nodes: int = 1,
-    accelerator: str = "auto",
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
-    data: DataModule | None = None,
-    replay: Replay | None = None,
-    val_data_path: dict[str, Path] | None = None,
-    train: TrainArgs = TrainArgs(),
-    epochs: float | None = None,
-    eval: EvalArgs = EvalArgs(interval=100),
-    optimizer: str | dict = "AdamW",
-    resume: bool | Literal["auto"] | Path = "auto",
-    tokenizer_dir: Path | None = None,
-    logger_name: Literal["wandb", "tensorboard", "csv"] = "csv",
-    seed: int = 42,
-    compile: bool = True,
-    preemption_signal: str | None = "SIGUSR1",
-) -> None:
-    """Fine-tune all weights of a checkpoint on instruction data, optionally replaying pretraining shards.
-
-    Args:
-        checkpoint_dir: Model to start from: one of our checkpoints (``step-*``), a run directory (its newest
-            checkpoint) or a litgpt checkpoint directory; needs ``lit_model.pth`` and ``model_config.yaml``.
-        out_dir: Run directory: checkpoints ``step-XXXXXXXX/``, ``metrics.jsonl``, ``summary.json``.
-        precision: Fabric precision (``bf16-mixed``, ``32-true``, ...); default picks the best supported.
-        devices: Devices per node.
-        num_nodes: Number of nodes.
-        accelerator: ``auto``, ``cpu`` or ``cuda``.
-        strategy: ``auto`` (FSDP on several GPUs, DDP over gloo on CPU), ``ddp`` or ``fsdp``.
-        data: A litgpt SFT data module (``litgpt.data.JSON``, ``Alpaca``, ...).
-        replay: ``{ratio, data}``: the fraction of every step's sequences drawn from pretraining shards.
-        val_data_path: Pretraining-shard validation sets ``name -> shard directory`` (forgetting), besides
-            those in ``replay.data.val_data_path``.
-        train: Length, batch sizes, LR schedule (warmup fraction, cosine/constant, ...), clipping, checkpoints.
-        epochs: Length in epochs over the SFT training split instead of ``train.max_steps``.
-        eval: Validation interval and sample budget per set.
-        optimizer: A torch optimizer name or ``{class_path, init_args}``; its state starts fresh.
-        resume: Where a new run starts: ``auto`` (default: fresh from ``checkpoint_dir``) or a checkpoint of a
-            fine-tuning run. Once ``out_dir`` holds checkpoints, the run always continues from its newest (a
-            requeue); ``false`` then refuses instead of training over them.
-        tokenizer_dir: Tokenizer directory (default: ``checkpoint_dir``).
-        logger_name: Extra logger besides ``metrics.jsonl``.
-        seed: Seed for the SFT sample order.
-        compile: ``torch.compile`` the model (it recompiles once for SFT batches of varying length, then
-            treats the length as dynamic); false for quick CPU runs.
-        preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
-    """
-    cfg = FinetuneConfig(**locals())
-    fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
-    fabric._loggers = [
-        build_logger(logger_name, out_dir, name=f"finetune-{cfg.model.name}", log_interval=train.log_interval)
-    ]
-    try:
-        fabric.launch(main, cfg)
-    finally:
-        release(cfg.out_dir)  # the next command of this process (a test, an experiment worker) may own it
+def setup(cfg: FinetuneConfig) -> None:
+    """Run the command on ``cfg`` (its options and their help: :class:`FinetuneConfig`)."""
+    launch(cfg, main, "finetune")
 
 
 def main(fabric: L.Fabric, cfg: FinetuneConfig) -> None:

@@ -11,7 +11,7 @@ validation and the end of a run with litgpt's ``final/`` live in ``midtrain.trai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -22,80 +22,25 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import chunked_cross_entropy
 
 from midtrain.config.commands import PretrainConfig
-from midtrain.config.sections import EvalArgs, TrainArgs
 from midtrain.data.sharded_mixed import ShardedMixedDataset
 from midtrain.preemption import shielded_iter
 from midtrain.rundir import MIXTURE_HISTORY_FILE, write_json
-from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
-from midtrain.train.ownership import release
 from midtrain.train.runtime import (
     PreemptionFlag,
     Start,
     TrainingRun,
     begin_run,
-    build_fabric,
     build_model_and_optimizer,
+    launch,
     load_initial_weights,
     resolve_start,
 )
 
 
-def setup(
-    model_name: str | None = None,
-    model_config: Config | None = None,
-    out_dir: Path = Path("out/pretrain"),
-    precision: str | None = None,
-    initial_checkpoint_dir: Path | None = None,
-    resume: bool | Literal["auto"] | Path = "auto",
-    data: ShardedMixedDataset | None = None,
-    train: TrainArgs = TrainArgs(),
-    eval: EvalArgs = EvalArgs(),
-    optimizer: str | dict = "AdamW",
-    devices: int | str = "auto",
-    num_nodes: int = 1,
-    accelerator: str = "auto",
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
-    tokenizer_dir: Path | None = None,
-    logger_name: Literal["wandb", "tensorboard", "csv"] = "csv",
-    seed: int = 42,
-    compile: bool = True,
-    preemption_signal: str | None = "SIGUSR1",
-) -> None:
-    """Pretrain (or midtrain) a litgpt model on a weighted mixture of token shards.
-
-    Args:
-        model_name: A litgpt model name (e.g. ``pythia-160m``); mutually exclusive with ``model_config``.
-        model_config: A litgpt ``Config`` for a custom model.
-        out_dir: Run directory: checkpoints ``step-XXXXXXXX/``, ``metrics.jsonl``, ``mixture_history.json``.
-        precision: Fabric precision (``bf16-mixed``, ``32-true``, ...); default picks the best supported.
-        initial_checkpoint_dir: Start a new run from these model weights (step 0, fresh optimizer); loaded after
-            ``fabric.setup`` (FSDP-safe).
-        resume: Where a new run starts: ``auto`` (default: fresh), or a checkpoint directory (also another run's:
-            midtraining into a new ``out_dir``). Once ``out_dir`` holds checkpoints, the run always continues from
-            its newest (a requeue); ``false`` then refuses instead of training over them.
-        data: The ShardedMixedDataset (mixture, stages, validation sets).
-        train: Length, batch sizes, LR schedule, checkpoint interval.
-        eval: Validation interval and sample budget.
-        optimizer: A torch optimizer name or ``{class_path, init_args}``.
-        devices: Devices per node.
-        num_nodes: Number of nodes (SLURM: one srun task per device).
-        accelerator: ``auto``, ``cpu`` or ``cuda``.
-        strategy: ``auto`` (FSDP on several GPUs, DDP over gloo on CPU), ``ddp`` or ``fsdp``.
-        tokenizer_dir: Tokenizer directory, copied into checkpoints and fingerprinted for resume checks.
-        logger_name: Extra logger besides ``metrics.jsonl``.
-        seed: Seed for model initialisation.
-        compile: ``torch.compile`` the model (as ``litgpt pretrain`` always does); false for quick CPU runs.
-        preemption_signal: Signal that triggers a checkpoint and exit status 75 (requeue), or None.
-    """
-    cfg = PretrainConfig(**locals())
-    fabric = build_fabric(devices, num_nodes, precision, strategy, accelerator)
-    logger = build_logger(logger_name, out_dir, name=f"pretrain-{cfg.model.name}", log_interval=train.log_interval)
-    fabric._loggers = [logger]
-    try:
-        fabric.launch(main, cfg)
-    finally:
-        release(cfg.out_dir)  # the next command of this process (a test, an experiment worker) may own it
+def setup(cfg: PretrainConfig) -> None:
+    """Run the command on ``cfg`` (its options and their help: :class:`PretrainConfig`)."""
+    launch(cfg, main, "pretrain")
 
 
 def main(fabric: L.Fabric, cfg: PretrainConfig) -> None:

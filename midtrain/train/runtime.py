@@ -44,8 +44,9 @@ from midtrain.rundir import (
 )
 from midtrain.train.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint, save_final
 from midtrain.train.loading import load_model_entry
+from midtrain.train.loggers import build_logger
 from midtrain.train.loss import micro_batch_loss
-from midtrain.train.ownership import shared_start
+from midtrain.train.ownership import release, shared_start
 
 PREEMPTION_POLL_SECONDS = 10.0
 """Several processes agree on the preemption flag at every log step (inside the metrics reduction) and, between
@@ -87,6 +88,18 @@ def build_fabric(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=chosen, precision=precision,
         plugins=plugins or None,
     )  # fmt: skip
+
+
+def launch(cfg: Any, main: Callable[[L.Fabric, Any], None], command: str) -> None:
+    """Start ``main(fabric, cfg)`` in the processes ``cfg`` asks for, with the run's logger; ``cfg`` is a
+    checked :class:`~midtrain.config.commands.PretrainConfig` or ``FinetuneConfig``."""
+    fabric = build_fabric(cfg.devices, cfg.num_nodes, cfg.precision, cfg.strategy, cfg.accelerator)
+    name, interval = f"{command}-{cfg.model.name}", cfg.train.log_interval
+    fabric._loggers = [build_logger(cfg.logger_name, cfg.out_dir, name=name, log_interval=interval)]
+    try:
+        fabric.launch(main, cfg)
+    finally:
+        release(cfg.out_dir)  # the next command of this process (a test, an experiment worker) may own it
 
 
 @torch.no_grad()
