@@ -374,3 +374,18 @@ def test_two_process_replay_takes_each_ranks_share(world, tmp_path):
     assert [r["tokens/replay"] for r in rows(ddp) if "loss" in r][-1] == 6 * 2 * SEQ
     assert by_step(ddp, "loss") == pytest.approx(by_step(single, "loss"), rel=1e-5)
     assert by_step(ddp, "val/c4/loss") == pytest.approx(by_step(single, "val/c4/loss"), rel=1e-5)
+
+
+def test_resume_with_another_tokenizer_dir_is_refused(world, tmp_path):
+    """A fine-tuning resume checks its own checkpoint's tokenizer (check_compatible): not a silent run."""
+    other = tmp_path / "other_tok"  # the same vocabulary, but no BOS: other token IDs for the same text
+    shutil.copytree(world["tok"], other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    out = tmp_path / "ft"
+    cfg = finetune_config(world, out, ratio=None, **{"eval.interval": 100})
+    finetune(cfg, "--train.max_additional_steps", "2")
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(MidtrainError, match=r"step-00000002 was trained with another tokenizer"):
+        finetune(cfg, "--tokenizer_dir", str(other))
+    assert (out / "metrics.jsonl").read_text() == metrics and find_latest(out) == out / "step-00000002"
