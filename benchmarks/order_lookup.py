@@ -24,7 +24,8 @@ def one(blend: str, sources: int, batch: int, n: int) -> dict:
 
     from midtrain.data.order import DataOrder, Generation
 
-    raw = np.random.default_rng(0).pareto(1.0, sources) + 0.01
+    # heavy-tailed weights, the largest capped so the smallest stays above the exact blend's 1/2**20 floor
+    raw = np.minimum(np.random.default_rng(0).pareto(1.0, sources), 1000.0) + 0.01
     weights = {f"s{i}": float(w) for i, w in enumerate(raw / raw.sum())}
     layouts = {s: (1000,) * 64 for s in weights}
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

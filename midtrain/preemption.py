@@ -17,8 +17,10 @@ has checkpointed (they ignore it; SIGKILL still ends them).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
+import multiprocessing
 import signal
 import sys
 from collections.abc import Iterator
@@ -91,11 +93,29 @@ def shielded() -> Iterator[None]:
     a signal that arrives meanwhile is delivered when the block ends, so none is lost.
     """
     sigs = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, *_installed}
+    if not _exit_hook:
+        atexit.register(_kill_daemon_children)  # registered after multiprocessing's own exit handler: runs before it
+        _exit_hook.append(True)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_exit_hook: list[bool] = []
+
+
+def _kill_daemon_children() -> None:
+    """At interpreter exit, SIGKILL the daemonic children (DataLoader workers) still running.
+
+    multiprocessing's own exit handler ends them with SIGTERM and then joins them; started inside :func:`shielded`
+    they never receive it, so a worker whose loader was never closed (an exception, a kept reference) would hang
+    the exit forever.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def shielded_iter(loader: Any) -> Iterator[Any]:

@@ -38,17 +38,19 @@ def rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def submit_and_wait(cluster: Cluster, site: Path, config: Path, overrides: tuple[str, ...], preempt: bool) -> str:
+def submit_and_wait(
+    cluster: Cluster, site: Path, config: Path, overrides: tuple[str, ...], preempt: bool, checkpoints: list[str]
+) -> str:
     job = cluster.submit(site, "evaluate", str(config), overrides=overrides)
     job_dir = cluster.root / "logs" / f"evaluate-{job}"
     items = (job_dir / "configs.txt").read_text().splitlines()
-    assert [Path(i.split("\t")[1]).name for i in items] == ["final", "step-00000002", "step-00000004"]
+    assert [Path(i.split("\t")[1]).name for i in items] == checkpoints
     merge = (job_dir / "merge_job_id").read_text().strip()
     cluster.jobs.append(merge)
     if preempt:  # the preemption signal once the task's step runs: evaluate finishes its task (or never started)
         wait_until("task.sh's start", lambda: task_started(cluster, f"{job}_1"), cluster, f"{job}_1")
         preempt_and_requeue(cluster, f"{job}_1", restarts=1)
-    for i in range(3):
+    for i in range(len(checkpoints)):
         assert_ok(cluster, f"{job}_{i}", restarts=int(preempt and i == 1))
     done = wait_done(cluster, f"{merge}_0")
     assert (done["JobState"], done["ExitCode"]) == ("COMPLETED", "0:0"), (job_dir / f"merge-{merge}_0.out").read_text()
@@ -74,7 +76,7 @@ def test_array_over_checkpoints_merges_rows_once(world, tmp_path_factory):  # no
         site = write_site(root)
         out = root / "eval/bench.csv"
 
-        first = submit_and_wait(cluster, site, config, overrides, preempt=True)
+        first = submit_and_wait(cluster, site, config, overrides, True, ["final", "step-00000002", "step-00000004"])
         got = rows(out)
         keys = [(Path(r["checkpoint"]).name, r["set"], r["metric"]) for r in got]
         assert sorted(keys) == sorted(
@@ -84,7 +86,8 @@ def test_array_over_checkpoints_merges_rows_once(world, tmp_path_factory):  # no
         log = cluster.log(f"{first}_1")
         assert f"requeueing job {first}_1" in log and f"--part {first}_1" in log
 
-        again = submit_and_wait(cluster, site, config, overrides, preempt=False)  # a resubmission: nothing new
+        final = ("--checkpoints", str(world["run"] / "final"))  # a resubmission (one task is enough): nothing new
+        again = submit_and_wait(cluster, site, config, (*overrides, *final), False, ["final"])
         assert rows(out) == got
         assert merge_log(root, first).count(": 6 new row(s)") == 1 and ": 0 new row(s)" in merge_log(root, again)
     finally:

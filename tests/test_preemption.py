@@ -105,3 +105,25 @@ def test_no_preemption_signal_restores_the_default_action(corpus, tmp_path, clea
     out = tmp_path / "run"
     run("pretrain", ["--config", str(config(corpus, out)), "--preemption_signal", "null", "--train.max_steps", "2"])
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+@pytest.mark.slow
+def test_a_process_with_shielded_loader_workers_still_alive_exits(tmp_path):
+    """Workers started inside ``shielded`` never get multiprocessing's exit-time SIGTERM; the exit must not hang."""
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader\n"
+        "from midtrain.preemption import shielded_iter\n"
+        "class Loader:  # as MixedLoader: __iter__ is a generator, so the workers start at the first item\n"
+        "    def __iter__(self):\n"
+        "        yield from DataLoader(list(range(64)), batch_size=2, num_workers=2)\n"
+        "kept = shielded_iter(Loader())\n"
+        "print(next(kept).tolist(), flush=True)  # the loader is never exhausted nor closed\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stdout + done.stderr
