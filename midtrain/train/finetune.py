@@ -88,7 +88,7 @@ def main(fabric: L.Fabric, cfg: FinetuneConfig) -> None:
         return
 
     # model and optimizer (fresh; weights from the base checkpoint unless resuming)
-    fabric.seed_everything(cfg.seed)
+    fabric.seed_everything(cfg.seed, verbose=False)  # the seed is in the saved hparams
     model, optimizer = build_model_and_optimizer(
         fabric, cfg.model, cfg.seq_len, cfg.optimizer, train.tie_embeddings, initialize=False, compile=cfg.compile
     )

@@ -60,7 +60,7 @@ def main(fabric: L.Fabric, cfg: PretrainConfig) -> None:
         return
 
     # model and optimizer: built empty, then weights from litgpt's init, a checkpoint or initial weights
-    fabric.seed_everything(cfg.seed)
+    fabric.seed_everything(cfg.seed, verbose=False)  # the seed is in the saved hparams
     model, optimizer = build_model_and_optimizer(
         fabric, cfg.model, cfg.seq_len, cfg.optimizer, train.tie_embeddings, initialize=True, compile=cfg.compile
     )
