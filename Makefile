@@ -25,8 +25,11 @@ install-cpu:
 demo: install
 	$(VENV)/bin/midtrain demo --out demo_out
 
+# Two xdist workers for everything but the SLURM tests (each test process is single-threaded), then those alone:
+# their jobs assume the node's two CPUs are free. Exit status 5 = they were all skipped (no cluster; see .ci/run).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slurm"
+	$(PY) -m pytest -q -m slurm || [ $$? -eq 5 ]
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -33,3 +33,14 @@ def set_dotted(cfg: dict, key: str, value: object) -> None:
     for part in parents:
         cfg = cfg.setdefault(part, {})
     cfg[leaf] = value
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules that submit to the local SLURM cluster (``*_slurm``) get the ``slurm`` mark: ``make test`` runs them
+    alone after the rest, whose two pytest-xdist workers would otherwise take the CPUs their jobs' timing assumes.
+    Under xdist a module's tests stay on one worker (``--dist loadgroup``), so module fixtures are built once."""
+    for item in items:
+        module = item.module.__name__ if item.module else item.nodeid
+        if module.endswith("_slurm"):
+            item.add_marker(pytest.mark.slurm)
+        item.add_marker(pytest.mark.xdist_group(module))

@@ -358,6 +358,7 @@ def test_shards_prepared_with_another_tokenizer_are_refused(world, tmp_path):
         (data / "1" / "prepare.json").read_text())["tokenizer"]["fingerprint"]
 
 
+@pytest.mark.slow  # spawns processes
 def test_two_process_replay_takes_each_ranks_share(world, tmp_path):
     """replay.ratio 0.25 of a global batch of 8 on 2 processes: 1 replay sequence per rank and step, 2 in all, the
     same sequences a single process takes; every rank taking the full 2 would train on 4."""
