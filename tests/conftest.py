@@ -43,4 +43,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         module = item.module.__name__ if item.module else item.nodeid
         if module.endswith("_slurm"):
             item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.timeout(1800))  # they wait up to 900 s for jobs themselves
         item.add_marker(pytest.mark.xdist_group(module))
