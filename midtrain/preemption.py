@@ -93,17 +93,15 @@ def shielded() -> Iterator[None]:
     a signal that arrives meanwhile is delivered when the block ends, so none is lost.
     """
     sigs = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, *_installed}
-    if not _exit_hook:
-        atexit.register(_kill_daemon_children)  # registered after multiprocessing's own exit handler: runs before it
-        _exit_hook.append(True)
+    # atexit runs last-registered first: (re)registered here, after multiprocessing's handler (which re-registers
+    # itself when its logger is first set up), ours runs before it
+    atexit.unregister(_kill_daemon_children)
+    atexit.register(_kill_daemon_children)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-_exit_hook: list[bool] = []
 
 
 def _kill_daemon_children() -> None:
